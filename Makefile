@@ -1,0 +1,59 @@
+# distillbench — `make bench METHOD=kd` runs a benchmark, `make test` runs the tests.
+# Both create .venv and install the suite on first use.
+
+PYTHON    ?= python3
+VENV      ?= .venv
+PY        := $(VENV)/bin/python
+STAMP     := $(VENV)/.installed
+
+METHOD    ?= kd
+PROTOCOL  ?= digits
+PAIR      ?=
+SEEDS     ?= 0
+DEVICES   ?= 1
+ACCELERATOR ?= auto
+PRECISION ?= 32-true
+EPOCHS    ?=
+RESULTS   ?= results
+FORCE     ?=
+SET       ?=
+VARIANT   ?=
+PYTEST_ARGS ?=
+
+export DISTILLBENCH_TEACHERS ?= $(CURDIR)/teachers
+
+RUN_ARGS = --method $(METHOD) --protocol $(PROTOCOL) --seeds $(SEEDS) --devices $(DEVICES) \
+	--accelerator $(ACCELERATOR) --precision $(PRECISION) --results $(RESULTS) \
+	$(if $(PAIR),--pair $(PAIR)) $(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(FORCE),--force) \
+	$(if $(VARIANT),--variant $(VARIANT)) $(foreach s,$(SET),--set $(s))
+
+.PHONY: install bench teachers test lint list clean-venv
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+bench: $(STAMP)
+	$(PY) -m distillbench.benchmark run $(RUN_ARGS)
+
+teachers: $(STAMP)
+	$(PY) -m distillbench.benchmark teachers --protocol $(PROTOCOL) --accelerator $(ACCELERATOR) \
+		--devices $(DEVICES) $(if $(FORCE),--force)
+
+list: $(STAMP)
+	$(PY) -m distillbench.benchmark list methods
+	$(PY) -m distillbench.benchmark list protocols
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,1 @@
+"""distillbench.benchmark — protocols, model zoo, teacher store, runner, run records and the CLI."""

@@ -1,0 +1,82 @@
+"""Lightning callbacks that feed the run record: per-epoch metric history and training throughput."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+
+
+class EpochHistory(Callback):
+    """After each training epoch (validation has run by then), keep its logged scalars and the lr."""
+
+    def __init__(self) -> None:
+        self.history: list[dict[str, Any]] = []
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        row: dict[str, Any] = {"epoch": trainer.current_epoch}
+        for key, value in trainer.callback_metrics.items():
+            if key.startswith(("val/", "test/")) or key.endswith("_epoch"):
+                row[key.removesuffix("_epoch")] = round(float(value), 6)
+        if trainer.optimizers:
+            row["lr"] = trainer.optimizers[0].param_groups[0]["lr"]
+        self.history.append(row)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": self.history}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = list(state_dict.get("history", []))
+
+
+class Throughput(Callback):
+    """Training images per second (all ranks together) and the mean step / data-wait time.
+
+    Steps are timed from batch start to batch end (forward, backward, optimizer); data wait is the
+    gap since the previous batch ended. The first `warmup` steps of the run are excluded.
+    """
+
+    def __init__(self, warmup: int = 3) -> None:
+        self.warmup = warmup
+        self.steps = 0
+        self.images = 0
+        self.step_time = 0.0
+        self.data_time = 0.0
+        self._start = 0.0
+        self._prev_end: float | None = None
+
+    def _now(self, trainer: L.Trainer) -> float:
+        if trainer.strategy.root_device.type == "cuda":
+            torch.cuda.synchronize(trainer.strategy.root_device)
+        return time.perf_counter()
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._prev_end = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._start = self._now(trainer)
+        self._data_gap = self._start - self._prev_end if self._prev_end is not None else None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        end = self._now(trainer)
+        self._prev_end = end
+        self.steps += 1
+        if self.steps <= self.warmup:
+            return
+        self.step_time += end - self._start
+        if self._data_gap is not None:
+            self.data_time += self._data_gap
+        self.images += int(batch["image"].shape[0]) * trainer.world_size
+
+    def summary(self) -> dict[str, float | None]:
+        timed = max(self.steps - self.warmup, 0)
+        if timed == 0:
+            return {"throughput_img_s": None, "step_time_ms": None, "data_time_ms": None}
+        return {
+            "throughput_img_s": round(self.images / (self.step_time + self.data_time), 2),
+            "step_time_ms": round(1000 * self.step_time / timed, 3),
+            "data_time_ms": round(1000 * self.data_time / timed, 3),
+        }

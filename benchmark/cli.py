@@ -1,0 +1,269 @@
+"""`python -m distillbench.benchmark` — run benchmarks, train teachers, list what exists.
+
+    run       --method kd [--protocol digits] [--pair T__S] [--seeds 0,1,2] [--devices N] ...
+    teachers  --protocol fmnist [--arch resnet20] [--force]
+    list      [methods|protocols|pairs|models|datasets] [--protocol P]
+
+Errors the user can fix print one message and exit with status 2; a run stopped by a non-finite
+loss exits with 3 after writing its `failed` record.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from typing import Any
+
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from .errors import USER_ERRORS, BenchmarkError
+
+console = Console(stderr=True)
+
+
+def _parse_seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(s) for s in text.replace(" ", "").split(",") if s != ""]
+    except ValueError:
+        raise BenchmarkError(f"SEEDS must be comma-separated integers, got {text!r}") from None
+    if not seeds:
+        raise BenchmarkError("SEEDS is empty")
+    return seeds
+
+
+def _parse_sets(items: list[str]) -> dict[str, Any]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise BenchmarkError(f"--set expects key=value, got {item!r}")
+        try:
+            out[key] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise BenchmarkError(f"--set {key}: cannot parse value {value!r}") from None
+    return out
+
+
+def _flag(value: str | None) -> bool:
+    return str(value or "").lower() in ("1", "true", "yes", "on")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m distillbench.benchmark",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run a method on a protocol pair for one or more seeds")
+    run.add_argument("--method", required=True)
+    run.add_argument("--protocol", default="digits", help="a protocol name or a path to a protocol YAML")
+    run.add_argument("--pair", default=None, help="<teacher>__<student> (default: the protocol's default pair)")
+    run.add_argument("--seeds", default="0")
+    run.add_argument("--devices", type=int, default=1)
+    run.add_argument("--accelerator", default="auto")
+    run.add_argument("--precision", default="32-true")
+    run.add_argument("--epochs", type=int, default=None, help="override the protocol's epochs (changes its hash)")
+    run.add_argument("--results", default="results")
+    run.add_argument("--teachers", default=None, help="teacher store (default $DISTILLBENCH_TEACHERS or ./teachers)")
+    run.add_argument("--data-root", default=None, help="dataset root (default $DATA_ROOT)")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a hyper-parameter")
+    run.add_argument("--variant", default=None, help="label for a non-default configuration (default: from --set)")
+    run.add_argument("--force", action="store_true", help="replace a finished record")
+    run.add_argument("--no-wandb", action="store_true")
+    run.add_argument("--no-progress", action="store_true")
+    run.add_argument("--no-overhead", action="store_true", help="skip the overhead-ratio measurement")
+
+    teachers = sub.add_parser("teachers", help="train and store the teachers of a protocol")
+    teachers.add_argument("--protocol", required=True)
+    teachers.add_argument("--arch", action="append", default=None, help="only these teacher architectures")
+    teachers.add_argument("--teachers", default=None)
+    teachers.add_argument("--accelerator", default="auto")
+    teachers.add_argument("--devices", type=int, default=1)
+    teachers.add_argument("--data-root", default=None)
+    teachers.add_argument("--force", action="store_true", help="retrain even if stored")
+    teachers.add_argument("--no-progress", action="store_true")
+
+    lister = sub.add_parser("list", help="list methods, protocols, pairs, models or datasets")
+    lister.add_argument(
+        "what", nargs="?", default="methods", choices=["methods", "protocols", "pairs", "models", "datasets"]
+    )
+    lister.add_argument("--protocol", default="digits")
+    return parser
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .runner import RunRequest, resolve, run
+
+    seeds = _parse_seeds(args.seeds)
+    base = RunRequest(
+        method=args.method,
+        protocol=args.protocol,
+        pair=args.pair,
+        seed=seeds[0],
+        devices=args.devices,
+        accelerator=args.accelerator,
+        precision=args.precision,
+        epochs=args.epochs,
+        results=args.results,
+        teachers=args.teachers,
+        data_root=args.data_root,
+        hparams=_parse_sets(args.set),
+        variant=args.variant,
+        force=args.force or _flag(os.environ.get("FORCE")),
+        wandb=not args.no_wandb,
+        progress=not args.no_progress and sys.stderr.isatty(),
+        measure_overhead=not args.no_overhead,
+    )
+    resolve(base)  # fail fast, before any seed runs
+    records = []
+    for seed in seeds:
+        request = RunRequest(**{**vars(base), "seed": seed})
+        if args.devices > 1 and len(seeds) > 1:
+            _run_seed_subprocess(seed)  # each DDP group gets a fresh process (Lightning re-launches it)
+            records.append(_read_record(request))
+        else:
+            records.append(run(request, say=lambda msg: console.print(f"[bold]distillbench[/]: {msg}")))
+    if os.environ.get("LOCAL_RANK", "0") == "0":
+        _print_summary(records)
+    return 0 if all(r and r.get("status") == "finished" for r in records) else 1
+
+
+def _run_seed_subprocess(seed: int) -> None:
+    argv = list(sys.argv[1:])
+    i = argv.index("--seeds") if "--seeds" in argv else None
+    if i is not None:
+        argv[i + 1] = str(seed)
+    else:
+        argv += ["--seeds", str(seed)]
+    env = {k: v for k, v in os.environ.items() if k != "DISTILLBENCH_RUN_ID"}
+    subprocess.run([sys.executable, "-m", "distillbench.benchmark", *argv], check=False, env=env)
+
+
+def _read_record(request) -> dict | None:
+    import json
+
+    from .runner import resolve
+
+    path = resolve(request).path
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _print_summary(records: list[dict | None]) -> None:
+    table = Table(title="distillbench runs")
+    for col in (
+        "method",
+        "protocol",
+        "pair",
+        "seed",
+        "status",
+        "top-1",
+        "top-5",
+        "best top-1 (epoch)",
+        "time (s)",
+        "img/s",
+        "overhead",
+    ):
+        table.add_column(col)
+    for r in records:
+        if not r:
+            table.add_row("?", "", "", "", "missing")
+            continue
+        m, b = r.get("metrics", {}), r.get("best_epoch_metrics", {})
+        best = f"{b.get('top1', float('nan')):.2f} ({b.get('epoch')})" if b else ""
+        table.add_row(
+            r["method"] + (f"@{r['variant']}" if r.get("variant") else ""),
+            r["protocol"],
+            r["pair"],
+            str(r["seed"]),
+            r["status"],
+            _fmt(m.get("top1")),
+            _fmt(m.get("top5")),
+            best,
+            _fmt(r.get("train_time_s"), 1),
+            _fmt(r.get("throughput_img_s"), 0),
+            _fmt(r.get("overhead_vs_student"), 2),
+        )
+    Console(width=max(Console().width, 150)).print(table)
+
+
+def _fmt(value, digits: int = 2) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
+def cmd_teachers(args: argparse.Namespace) -> int:
+    from .protocol import load_protocol
+    from .teachers import load_teacher, teacher_paths, train_teacher
+
+    protocol = load_protocol(args.protocol)
+    archs = args.arch or sorted({p.teacher for p in protocol.pairs})
+    table = Table(title=f"teachers of {protocol.name}")
+    for col in ("arch", "action", "test top-1", "sha256", "checkpoint"):
+        table.add_column(col)
+    for arch in archs:
+        ckpt, _ = teacher_paths(args.teachers, protocol, arch)
+        action = "loaded"
+        if args.force or not ckpt.exists():
+            console.print(
+                f"[bold]distillbench[/]: training teacher {arch} for {protocol.name} ({protocol.teacher.epochs} epochs)"
+            )
+            train_teacher(
+                protocol,
+                arch,
+                root=args.teachers,
+                accelerator=args.accelerator,
+                devices=args.devices,
+                progress=not args.no_progress and sys.stderr.isatty(),
+                data_root=args.data_root,
+            )
+            action = "trained"
+            if os.environ.get("LOCAL_RANK", "0") != "0":
+                continue
+        _, info = load_teacher(protocol, arch, args.teachers)
+        table.add_row(arch, action, _fmt(info.get("top1")), info["sha256"][:12], str(ckpt))
+    if os.environ.get("LOCAL_RANK", "0") == "0":
+        Console().print(table)
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from ..datasets import list_datasets
+    from ..methods import get_method, list_methods
+    from .protocol import list_protocols, load_protocol
+    from .zoo import list_models
+
+    if args.what == "methods":
+        for name in list_methods():
+            print(f"{name:12s} {get_method(name).summary}")
+    elif args.what == "protocols":
+        for name in list_protocols():
+            p = load_protocol(name)
+            print(f"{name:12s} v{p.version}  {p.description.strip().splitlines()[0]}")
+    elif args.what == "pairs":
+        for name in load_protocol(args.protocol).pair_names():
+            print(name)
+    elif args.what == "models":
+        print("\n".join(list_models()))
+        print("(and any timm model name)")
+    else:
+        print("\n".join(list_datasets()))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return {"run": cmd_run, "teachers": cmd_teachers, "list": cmd_list}[args.command](args)
+    except USER_ERRORS as exc:
+        from ..methods import NonFiniteLossError
+
+        console.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False)
+        return 3 if isinstance(exc, NonFiniteLossError) else 2
+    except KeyboardInterrupt:
+        console.print("[bold red]interrupted[/]: the run record says status 'interrupted'")
+        return 130

@@ -1,0 +1,107 @@
+"""Cost columns: parameters, FLOPs (fvcore), the distillation overhead ratio and peak memory.
+
+FLOPs follow fvcore's convention (one fused multiply-add counts as one FLOP) for one image at the
+protocol's input size. The overhead ratio is measured in-process right after training, on the same
+hardware and batch: mean time of the method's full training step divided by the mean time of the
+same student's plain cross-entropy step (`vanilla` is 1 by definition).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def count_params(module: nn.Module | list[nn.Parameter]) -> int:
+    params = module.parameters() if isinstance(module, nn.Module) else module
+    return sum(p.numel() for p in params)
+
+
+def count_flops(model: nn.Module, input_shape: tuple[int, ...]) -> int | None:
+    """fvcore FLOPs for one image of shape (C, H, W); None if tracing fails."""
+    from fvcore.nn import FlopCountAnalysis
+
+    model = copy.deepcopy(model).cpu().float().eval()
+    logging.getLogger("fvcore").setLevel(logging.ERROR)
+    try:
+        analysis = FlopCountAnalysis(model, torch.zeros(1, *input_shape))
+        analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+        return int(analysis.total())
+    except Exception:
+        return None
+
+
+def _time_steps(step: Callable[[], None], device: torch.device, steps: int, warmup: int) -> float:
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for _ in range(warmup):
+        step()
+    sync()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync()
+    return (time.perf_counter() - start) / steps
+
+
+def overhead_ratio(module, batch: Mapping[str, Tensor], steps: int = 8, rounds: int = 3) -> dict[str, float]:
+    """Step time of `module.losses` + backward + SGD step over the student-only CE step, same batch.
+
+    The two are timed in alternating rounds and compared by their medians, so a background load
+    affects both alike. The module's weights and BN statistics are restored afterwards; the SGD has lr 0.
+    """
+    state = copy.deepcopy(module.state_dict())
+    device = batch["image"].device
+    params = [p for p in module.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=0.0)
+    student = module.student
+
+    def method_step() -> None:
+        opt.zero_grad(set_to_none=True)
+        sum(module.losses(batch).values()).backward()
+        opt.step()
+
+    def vanilla_step() -> None:
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(student(batch["image"]), batch["label"]).backward()
+        opt.step()
+
+    was_training = module.training
+    module.train()
+    module.log = lambda *args, **kwargs: None  # outside a loop Lightning refuses self.log
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            t_method, t_vanilla = [], []
+            for _ in range(rounds):
+                t_method.append(_time_steps(method_step, device, steps, warmup=2))
+                t_vanilla.append(_time_steps(vanilla_step, device, steps, warmup=2))
+    finally:
+        del module.log
+        module.load_state_dict(state)
+        module.train(was_training)
+        opt.zero_grad(set_to_none=True)
+    m, v = statistics.median(t_method), statistics.median(t_vanilla)
+    return {
+        "overhead_vs_student": round(m / v, 4),
+        "method_step_ms": round(1000 * m, 3),
+        "student_step_ms": round(1000 * v, 3),
+    }
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    # ru_maxrss is KiB on Linux: the process's peak resident set, the CPU analogue
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)

@@ -1,0 +1,265 @@
+"""Protocols: versioned YAML recipes (`benchmark/protocols/<name>.yaml`) loaded into validated dataclasses.
+
+A protocol fixes the dataset and its splits, input size and normalisation, augmentation, the GLOBAL
+batch size (per-device batch = global / world size), epochs, optimizer, schedule, criterion, the
+teachers' training recipe, the teacher/student pairs with per-pair overrides, per-method
+hyper-parameters, seeds, and the selection rule (the reported number is the last epoch's test
+metric). Unknown keys are errors.
+
+`Protocol.hash(pair)` is a content hash of everything that changes a run's number except the method
+hyper-parameters, which every run record stores in full: the recipe, the teachers' recipe and the
+pair's own overrides. Runs with different hashes never share a leaderboard cell.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import BenchmarkError
+
+OPTIMIZER_KEYS = {"name", "lr", "momentum", "nesterov", "weight_decay", "betas", "eps", "no_decay_bias_norm"}
+SCHEDULE_KEYS = {"name", "milestones", "gamma", "warmup_epochs", "warmup_lr", "min_lr"}
+AUGMENT_KEYS = {"kind", "pad", "flip", "scale", "ratio"}
+
+
+class ProtocolError(BenchmarkError):
+    pass
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    name: str
+    val_size: float = 0.1  # a fraction of train, or a count when ≥ 1
+    split_seed: int = 0
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    size: int
+    channels: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class TeacherRecipe:
+    epochs: int
+    optimizer: dict[str, Any]
+    schedule: dict[str, Any]
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class PairSpec:
+    teacher: str
+    student: str
+    optimizer: dict[str, Any] = field(default_factory=dict)  # overrides of the protocol's optimizer
+    methods: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-method hparam overrides
+    note: str = ""
+
+    @property
+    def name(self) -> str:
+        return f"{self.teacher}__{self.student}"
+
+
+@dataclass(frozen=True)
+class Protocol:
+    name: str
+    version: int
+    description: str
+    dataset: DatasetSpec
+    input: InputSpec
+    batch_size: int
+    epochs: int
+    optimizer: dict[str, Any]
+    schedule: dict[str, Any]
+    teacher: TeacherRecipe
+    pairs: tuple[PairSpec, ...]
+    augment: dict[str, Any] = field(default_factory=lambda: {"kind": "none"})
+    label_smoothing: float = 0.0
+    num_workers: int = 0
+    default_pair: str = ""
+    seeds: tuple[int, ...] = (0, 1, 2)
+    methods: dict[str, dict[str, Any]] = field(default_factory=dict)
+    metrics: tuple[str, ...] = ("top1", "top5")
+    selection: str = "last"
+    source: str = ""  # the YAML file it came from (not hashed)
+
+    # -- lookups -----------------------------------------------------------------------
+    def pair(self, name: str | None = None) -> PairSpec:
+        name = name or self.default_pair or self.pairs[0].name
+        for pair in self.pairs:
+            if pair.name == name:
+                return pair
+        raise ProtocolError(f"protocol {self.name!r} has no pair {name!r}; valid pairs: {', '.join(self.pair_names())}")
+
+    def pair_names(self) -> list[str]:
+        return [p.name for p in self.pairs]
+
+    def optimizer_for(self, pair: PairSpec) -> dict[str, Any]:
+        return {**self.optimizer, **pair.optimizer}
+
+    def with_epochs(self, epochs: int) -> Protocol:
+        """The same protocol with another epoch count (a different hash). Milestones past the end drop."""
+        if epochs < 1:
+            raise ProtocolError(f"epochs must be ≥ 1, got {epochs}")
+        schedule = dict(self.schedule)
+        if "milestones" in schedule:
+            schedule["milestones"] = [m for m in schedule["milestones"] if m < epochs]
+        return dataclasses.replace(self, epochs=epochs, schedule=schedule)
+
+    # -- identity ----------------------------------------------------------------------
+    def recipe(self, pair: PairSpec | None = None) -> dict[str, Any]:
+        """What determines a run's number apart from method hyper-parameters."""
+        data = dataclasses.asdict(self)
+        for key in ("description", "pairs", "default_pair", "seeds", "methods", "source", "num_workers"):
+            data.pop(key)
+        if pair is not None:
+            data["pair"] = {"teacher": pair.teacher, "student": pair.student, "optimizer": pair.optimizer}
+        return data
+
+    def hash(self, pair: PairSpec | None = None) -> str:
+        return content_hash(self.recipe(pair))
+
+    def teacher_key(self, arch: str) -> str:
+        """Identity of a teacher trained under this protocol: data, input, augmentation, recipe, arch."""
+        return content_hash(
+            {
+                "dataset": dataclasses.asdict(self.dataset),
+                "input": dataclasses.asdict(self.input),
+                "augment": self.augment,
+                "batch_size": self.batch_size,
+                "label_smoothing": self.label_smoothing,
+                "teacher": dataclasses.asdict(self.teacher),
+                "arch": arch,
+            }
+        )
+
+
+def content_hash(data: Any) -> str:
+    canonical = json.dumps(data, sort_keys=True, separators=(",", ":"), default=list)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+# -- loading and validation ------------------------------------------------------------------
+def _check_keys(data: Any, allowed: set[str], where: str) -> None:
+    if not isinstance(data, dict):
+        raise ProtocolError(f"{where}: expected a mapping, got {type(data).__name__}")
+    unknown = set(data) - allowed
+    if unknown:
+        raise ProtocolError(
+            f"{where}: unknown key(s) {', '.join(sorted(unknown))}; valid: {', '.join(sorted(allowed))}"
+        )
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    origin = typing.get_origin(annotation)
+    if annotation is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(annotation):
+            try:
+                return _coerce(value, option, where)
+            except ProtocolError:
+                continue
+        raise ProtocolError(f"{where}: {value!r} does not match {annotation}")
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise ProtocolError(f"{where}: expected a list, got {value!r}")
+        (item,) = typing.get_args(annotation)[:1]
+        return tuple(_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value))
+    if origin is dict or annotation is dict:
+        if not isinstance(value, dict):
+            raise ProtocolError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if dataclasses.is_dataclass(annotation):
+        return _build(annotation, value, where)
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ProtocolError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ProtocolError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ProtocolError(f"{where}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def _build(cls: type, data: Any, where: str):
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    _check_keys(data, set(fields) - {"source"}, where)
+    kwargs = {}
+    for name, f in fields.items():
+        if name in data:
+            kwargs[name] = _coerce(data[name], hints[name], f"{where}.{name}")
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ProtocolError(f"{where}: missing required key {name!r}")
+    return cls(**kwargs)
+
+
+def _validate(p: Protocol, where: str) -> None:
+    if p.batch_size < 1 or p.epochs < 1 or p.teacher.epochs < 1:
+        raise ProtocolError(f"{where}: batch_size, epochs and teacher.epochs must be ≥ 1")
+    if len(p.input.mean) != p.input.channels or len(p.input.std) != p.input.channels:
+        raise ProtocolError(f"{where}: input.mean/std need one value per channel ({p.input.channels})")
+    for key, spec, allowed in (
+        ("optimizer", p.optimizer, OPTIMIZER_KEYS),
+        ("schedule", p.schedule, SCHEDULE_KEYS),
+        ("teacher.optimizer", p.teacher.optimizer, OPTIMIZER_KEYS),
+        ("teacher.schedule", p.teacher.schedule, SCHEDULE_KEYS),
+        ("augment", p.augment, AUGMENT_KEYS),
+    ):
+        _check_keys(spec, allowed, f"{where}: {key}")
+    if "lr" not in p.optimizer or "lr" not in p.teacher.optimizer:
+        raise ProtocolError(f"{where}: optimizer and teacher.optimizer need an 'lr'")
+    if not p.pairs:
+        raise ProtocolError(f"{where}: at least one teacher/student pair is required")
+    for i, pair in enumerate(p.pairs):
+        _check_keys(pair.optimizer, OPTIMIZER_KEYS, f"{where}: pairs[{i}].optimizer")
+    names = p.pair_names()
+    if len(set(names)) != len(names):
+        raise ProtocolError(f"{where}: duplicate pairs")
+    if p.default_pair and p.default_pair not in names:
+        raise ProtocolError(f"{where}: default_pair {p.default_pair!r} is not one of {', '.join(names)}")
+    if p.selection != "last":
+        raise ProtocolError(f"{where}: selection must be 'last' (the reported number is the last epoch's)")
+
+
+def protocol_dir() -> Path:
+    return Path(str(resources.files("distillbench.benchmark") / "protocols"))
+
+
+def list_protocols() -> list[str]:
+    return sorted(p.stem for p in protocol_dir().glob("*.yaml"))
+
+
+def load_protocol(name_or_path: str | Path) -> Protocol:
+    """By name (a file in benchmark/protocols/) or by path to a YAML file."""
+    text = str(name_or_path)
+    path = Path(text) if text.endswith((".yaml", ".yml")) else protocol_dir() / f"{text}.yaml"
+    if not path.is_file():
+        if text.endswith((".yaml", ".yml")):
+            raise ProtocolError(f"protocol file {path} does not exist")
+        raise ProtocolError(f"unknown protocol {text!r}; available: {', '.join(list_protocols())}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ProtocolError(f"{path}: malformed YAML: {exc}") from None
+    protocol = _build(Protocol, data, str(path))
+    _validate(protocol, str(path))
+    return dataclasses.replace(protocol, source=str(path))

@@ -1,0 +1,377 @@
+"""Run one (method, protocol, pair, seed): resolve, build, fit, record.
+
+The runner never names a method: it looks the method up in the registry, runs its pre-training
+stages in order (each stage's artifact is handed to the next and to the module), fits the module
+with the protocol's recipe and writes one run record (rank 0 only) whatever the outcome —
+`finished`, `failed` (with the error and step) or `interrupted`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+import traceback
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+from ..datasets import create_datamodule
+from ..methods import FrozenTeacher, NonFiniteLossError, StageContext, get_method
+from . import cost
+from .errors import BenchmarkError
+from .protocol import Protocol, load_protocol
+from .results import (
+    SCHEMA_VERSION,
+    check_writable,
+    git_commit,
+    hardware,
+    now_iso,
+    record_path,
+    save_record,
+    set_aside,
+    versions,
+)
+from .teachers import ensure_teacher
+from .trainer import build_trainer, make_loggers, resolve_accelerator
+from .zoo import create_model
+
+
+@dataclass
+class RunRequest:
+    method: str
+    protocol: str
+    pair: str | None = None
+    seed: int = 0
+    devices: int = 1
+    accelerator: str = "auto"
+    precision: str = "32-true"
+    epochs: int | None = None
+    results: str = "results"
+    teachers: str | None = None
+    data_root: str | None = None
+    hparams: dict[str, Any] = field(default_factory=dict)
+    variant: str | None = None
+    force: bool = False
+    wandb: bool = True
+    progress: bool = True
+    measure_overhead: bool = True
+
+
+@dataclass
+class ResolvedRun:
+    request: RunRequest
+    protocol: Protocol
+    spec: Any
+    pair: Any
+    hparams: dict[str, Any]
+    variant: str
+    pair_label: str
+    path: Path
+
+    @property
+    def run_dir(self) -> Path:
+        return self.path.with_suffix("")
+
+
+def make_datamodule(protocol: Protocol, *, seed: int, data_root: str | None = None):
+    val = protocol.dataset.val_size
+    return create_datamodule(
+        protocol.dataset.name,
+        batch_size=protocol.batch_size,
+        val_size=int(val) if val >= 1 else val,
+        split_seed=protocol.dataset.split_seed,
+        seed=seed,
+        augment=protocol.augment,
+        mean=protocol.input.mean,
+        std=protocol.input.std,
+        num_workers=protocol.num_workers,
+        root=data_root or os.environ.get("DATA_ROOT"),
+    )
+
+
+def available_devices(accelerator: str) -> int:
+    if resolve_accelerator(accelerator) in ("gpu", "cuda"):
+        return torch.cuda.device_count()
+    return os.cpu_count() or 1
+
+
+def resolve(request: RunRequest) -> ResolvedRun:
+    """Everything that can be checked before any work: fails fast with a specific message."""
+    spec = get_method(request.method)
+    protocol = load_protocol(request.protocol)
+    changes = dict(request.hparams)
+    if request.epochs and request.epochs != protocol.epochs:
+        protocol = protocol.with_epochs(request.epochs)
+        changes["epochs"] = request.epochs
+    pair = protocol.pair(request.pair)
+    hparams = spec.resolve_hparams(
+        protocol.methods.get(request.method), pair.methods.get(request.method), request.hparams
+    )
+    # anything that departs from the protocol's configuration gets its own results folder
+    variant = (
+        request.variant if request.variant is not None else ",".join(f"{k}={v}" for k, v in sorted(changes.items()))
+    )
+    if request.devices < 1:
+        raise BenchmarkError(f"DEVICES must be ≥ 1, got {request.devices}")
+    if protocol.batch_size % request.devices:
+        raise BenchmarkError(
+            f"the global batch {protocol.batch_size} of protocol {protocol.name!r} is not divisible by "
+            f"{request.devices} devices; choose DEVICES dividing {protocol.batch_size}"
+        )
+    available = available_devices(request.accelerator)
+    if request.devices > available:
+        raise BenchmarkError(
+            f"DEVICES={request.devices} but only {available} "
+            f"{resolve_accelerator(request.accelerator)} device(s) are available"
+        )
+    pair_label = pair.name if spec.needs_teacher else f"none__{pair.student}"
+    path = record_path(request.results, protocol.name, request.method, variant, pair_label, request.seed)
+    return ResolvedRun(request, protocol, spec, pair, hparams, variant, pair_label, path)
+
+
+def run(request: RunRequest, say=print) -> dict[str, Any]:
+    """Run one seed and return its record (also written to disk on rank 0)."""
+    r = resolve(request)
+    is_worker = os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("NODE_RANK", "0") != "0"
+    if not is_worker:
+        check_writable(r.path, request.force)
+        set_aside(r.path)  # a failed, interrupted or forced-over run is kept beside the new one
+    protocol, pair, seed = r.protocol, r.pair, request.seed
+    run_id = os.environ.get("DISTILLBENCH_RUN_ID") or uuid.uuid4().hex[:12]
+    os.environ["DISTILLBENCH_RUN_ID"] = run_id  # DDP workers re-run this command: share the id
+    L.seed_everything(seed, workers=True, verbose=False)
+
+    datamodule = make_datamodule(protocol, seed=seed, data_root=request.data_root)
+    num_classes = datamodule.num_classes
+    input_shape = (protocol.input.channels, protocol.input.size, protocol.input.size)
+    teacher, teacher_info = None, None
+    if r.spec.needs_teacher:
+        model, info = ensure_teacher(
+            protocol,
+            pair.teacher,
+            root=request.teachers,
+            accelerator=request.accelerator,
+            progress=request.progress,
+            data_root=request.data_root,
+            say=say,
+        )
+        stats = (protocol.input.mean, protocol.input.std)
+        teacher_stats = (info["input"]["mean"], info["input"]["std"])
+        teacher = FrozenTeacher(model, info=info, input_stats=stats, teacher_stats=teacher_stats)
+        teacher_info = {
+            "arch": pair.teacher,
+            "checkpoint": info["checkpoint"],
+            "checkpoint_sha256": info["sha256"],
+            "top1": info.get("top1"),
+            "top5": info.get("top5"),
+            "params": cost.count_params(model),
+        }
+        L.seed_everything(seed, workers=True, verbose=False)  # teacher training must not shift the student's init
+
+    student = create_model(pair.student, num_classes=num_classes, in_chans=protocol.input.channels)
+    config = {
+        "method": request.method,
+        "variant": r.variant,
+        "hparams": r.hparams,
+        "protocol": protocol.name,
+        "protocol_version": protocol.version,
+        "protocol_hash": protocol.hash(pair),
+        "pair": r.pair_label,
+        "seed": seed,
+        "recipe": protocol.recipe(pair),
+        "devices": request.devices,
+        "precision": request.precision,
+        "teacher": teacher_info,
+    }
+    r.run_dir.mkdir(parents=True, exist_ok=True)
+    loggers = make_loggers(
+        r.run_dir,
+        run_id=run_id,
+        group=f"{protocol.name}/{r.pair_label}",
+        name=f"{request.method}-s{seed}",
+        config=config,
+        tags=[protocol.name, request.method, pair.student],
+        use_wandb=request.wandb,
+    )
+    trainer, history, throughput = build_trainer(
+        r.run_dir,
+        accelerator=request.accelerator,
+        devices=request.devices,
+        precision=request.precision,
+        epochs=protocol.epochs,
+        loggers=loggers,
+        progress=request.progress,
+    )
+
+    record: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
+        "run_id": run_id,
+        "status": "running",
+        "method": request.method,
+        "variant": r.variant,
+        "hparams": r.hparams,
+        "protocol": protocol.name,
+        "protocol_version": protocol.version,
+        "protocol_hash": protocol.hash(pair),
+        "protocol_source": protocol.source,
+        "pair": r.pair_label,
+        "teacher": teacher_info,
+        "student": {"arch": pair.student, "params": cost.count_params(student)},
+        "seed": seed,
+        "metrics": {},
+        "best_epoch_metrics": {},
+        "val_selected_metrics": {},
+        "history": [],
+        "epochs": protocol.epochs,
+        "world_size": request.devices,
+        "precision": request.precision,
+        "optimizer": protocol.optimizer_for(pair),
+        "schedule": protocol.schedule,
+        "train_time_s": None,
+        "throughput_img_s": None,
+        "overhead_vs_student": None,
+        "peak_mem_mb": None,
+        "git_commit": git_commit(),
+        "versions": versions(),
+        "hardware": hardware(resolve_accelerator(request.accelerator)),
+        "wandb_run": None,
+        "started_at": now_iso(),
+        "finished_at": None,
+        "error": None,
+    }
+
+    context = StageContext(
+        method=request.method,
+        hparams=r.hparams,
+        datamodule=datamodule,
+        teacher=teacher,
+        teacher_info=teacher_info or {},
+        protocol=dataclasses.asdict(protocol),
+        seed=seed,
+        work_dir=r.run_dir,
+        cache_dir=Path(teacher_info["checkpoint"]).parent if teacher_info else r.run_dir,
+    )
+    start = time.perf_counter()
+    module = None
+    try:
+        for stage in r.spec.stages:
+            say(f"stage {stage.name!r} of {request.method} …")
+            context.artifacts[stage.name] = stage.run(context)
+        module = r.spec.module_cls(
+            student,
+            teacher,
+            num_classes=num_classes,
+            hparams=r.hparams,
+            optimizer=protocol.optimizer_for(pair),
+            schedule=protocol.schedule,
+            epochs=protocol.epochs,
+            label_smoothing=protocol.label_smoothing,
+            artifacts=context.artifacts,
+        )
+        record["adapter_params"] = cost.count_params(module.adapter_parameters())
+        trainer.fit(module, datamodule)
+        record["status"] = "interrupted" if trainer.interrupted else "finished"
+    except NonFiniteLossError as exc:
+        record.update(
+            status="failed",
+            error={"type": "NonFiniteLossError", "message": str(exc), "step": exc.step, "epoch": exc.epoch},
+        )
+        raise
+    except KeyboardInterrupt:
+        record["status"] = "interrupted"
+        raise
+    except BaseException as exc:
+        record.update(
+            status="failed",
+            error={"type": type(exc).__name__, "message": str(exc), "traceback": traceback.format_exc(limit=8)},
+        )
+        raise
+    finally:
+        record["train_time_s"] = round(time.perf_counter() - start, 2)
+        try:
+            _finish_record(
+                record, trainer, history, throughput, module, datamodule, student, input_shape, loggers, request, r, say
+            )
+        except Exception as exc:  # never lose the record over a cost measurement
+            record.setdefault("warnings", []).append(f"finishing the record failed: {type(exc).__name__}: {exc}")
+            if trainer.is_global_zero:
+                save_record(r.path, record)
+    return record
+
+
+def _finish_record(
+    record,
+    trainer,
+    history,
+    throughput,
+    module,
+    datamodule,
+    student,
+    input_shape,
+    loggers,
+    request: RunRequest,
+    r: ResolvedRun,
+    say,
+) -> None:
+    if not trainer.is_global_zero:
+        return
+    record["history"] = history.history
+    record.update(throughput.summary())
+    record["finished_at"] = now_iso()
+    record["peak_mem_mb"] = cost.peak_memory_mb(trainer.strategy.root_device)
+    if history.history:
+        last = history.history[-1]
+        record["metrics"] = _split_metrics(last, "test")
+        record["val_metrics"] = _split_metrics(last, "val")
+        best = max(history.history, key=lambda row: row.get("test/top1", -1))
+        record["best_epoch_metrics"] = {"epoch": best["epoch"], **_split_metrics(best, "test")}
+        chosen = max(history.history, key=lambda row: row.get("val/top1", -1))
+        record["val_selected_metrics"] = {"epoch": chosen["epoch"], **_split_metrics(chosen, "test")}
+    if record["status"] == "finished":
+        record["student"]["flops"] = cost.count_flops(student, input_shape)
+        if module is not None and module.is_reference_student:
+            record["overhead_vs_student"] = 1.0
+        elif request.measure_overhead and module is not None:
+            batch = next(iter(datamodule.train_dataloader()))
+            batch = {k: v.to(trainer.strategy.root_device) for k, v in batch.items()}
+            record.update(cost.overhead_ratio(module, batch))
+    wandb_logger = next((lg for lg in loggers if type(lg).__name__ == "WandbLogger"), None)
+    if wandb_logger is not None:
+        record["wandb_run"] = _finish_wandb(wandb_logger, record)
+    save_record(r.path, record)
+    say(f"record ({record['status']}) → {r.path}")
+
+
+def _split_metrics(row: dict[str, Any], split: str) -> dict[str, float]:
+    return {k.split("/", 1)[1]: v for k, v in row.items() if k.startswith(f"{split}/") and "loss" not in k}
+
+
+def _finish_wandb(logger, record: dict[str, Any]) -> dict[str, Any] | None:
+    try:
+        import wandb
+
+        run = logger.experiment
+        summary = {f"final/{k}": v for k, v in record["metrics"].items()}
+        summary.update({f"best/{k}": v for k, v in record["best_epoch_metrics"].items()})
+        for key in ("status", "throughput_img_s", "overhead_vs_student", "peak_mem_mb", "train_time_s"):
+            summary[key] = record.get(key)
+        summary["student_params"] = record["student"]["params"]
+        summary["student_flops"] = record["student"].get("flops")
+        run.summary.update(summary)
+        info = {
+            "id": run.id,
+            "project": run.project,
+            "group": run.group,
+            "name": run.name,
+            "mode": wandb.run.settings.mode if wandb.run else None,
+            "dir": str(run.dir),
+        }
+        wandb.finish(exit_code=0 if record["status"] == "finished" else 1)
+        return info
+    except Exception as exc:  # logging must never cost us the record
+        return {"error": f"{type(exc).__name__}: {exc}"}

@@ -1,0 +1,203 @@
+"""The teacher store: teachers trained (or imported) under a protocol, with a JSON sidecar.
+
+Layout: `<teachers>/<protocol>/<arch>.pt` (a plain state_dict, loaded with weights_only=True) and
+`<arch>.json` (sha256 of the checkpoint, measured test top-1/top-5, the protocol's teacher key,
+provenance). A checkpoint whose sha256 differs from its sidecar, or whose sidecar was made under a
+different teacher recipe, is refused. The store lives in `$DISTILLBENCH_TEACHERS` (default
+`./teachers`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+from ..methods.vanilla import Vanilla
+from .errors import BenchmarkError
+from .protocol import Protocol
+from .results import git_commit, now_iso, write_json_atomic
+from .zoo import create_model
+
+SIDECAR_SCHEMA = 1
+
+
+class TeacherError(BenchmarkError):
+    pass
+
+
+def teachers_root(root: str | Path | None = None) -> Path:
+    return Path(root or os.environ.get("DISTILLBENCH_TEACHERS") or "teachers")
+
+
+def teacher_paths(root: str | Path | None, protocol: Protocol, arch: str) -> tuple[Path, Path]:
+    folder = teachers_root(root) / protocol.name
+    return folder / f"{arch}.pt", folder / f"{arch}.json"
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def save_checkpoint_atomic(state_dict: dict[str, torch.Tensor], path: Path) -> str:
+    """torch.save to a temporary file, fsync, rename; returns the sha256 of the bytes written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state_dict, f)
+            f.flush()
+            os.fsync(f.fileno())
+        digest = sha256_file(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return digest
+
+
+def load_state_dict_checked(path: Path, model: torch.nn.Module, arch: str) -> None:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise TeacherError(
+            f"{path}: not a loadable checkpoint ({type(exc).__name__}: {exc}); "
+            "delete it and retrain with `make teachers`"
+        ) from None
+    if not isinstance(state, dict):
+        raise TeacherError(f"{path}: expected a state_dict, found {type(state).__name__}")
+    missing, unexpected = _key_mismatch(model.state_dict(), state)
+    if missing or unexpected:
+        raise TeacherError(
+            f"{path} does not fit architecture {arch!r}: {len(missing)} missing key(s) "
+            f"{missing[:3]}, {len(unexpected)} unexpected key(s) {unexpected[:3]}"
+        )
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[1:2] or [str(exc)]
+        raise TeacherError(f"{path} does not fit architecture {arch!r}: {first[0].strip()}") from None
+
+
+def _key_mismatch(expected: dict, found: dict) -> tuple[list[str], list[str]]:
+    return sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+
+
+def load_teacher(protocol: Protocol, arch: str, root: str | Path | None = None) -> tuple[torch.nn.Module, dict]:
+    """Load a stored teacher after checking its sidecar, sha256 and teacher key."""
+    ckpt, sidecar = teacher_paths(root, protocol, arch)
+    if not ckpt.is_file() or not sidecar.is_file():
+        raise TeacherError(
+            f"no teacher {arch!r} for protocol {protocol.name!r} at {ckpt} (+ {sidecar.name}); "
+            f"train it with `make teachers PROTOCOL={protocol.name}`"
+        )
+    try:
+        info = json.loads(sidecar.read_text())
+    except ValueError as exc:
+        raise TeacherError(f"{sidecar}: malformed sidecar JSON ({exc})") from None
+    actual = sha256_file(ckpt)
+    if actual != info.get("sha256"):
+        raise TeacherError(
+            f"{ckpt}: sha256 {actual[:12]}… does not match its sidecar ({str(info.get('sha256'))[:12]}…); the "
+            f"checkpoint was changed or corrupted — retrain with `make teachers PROTOCOL={protocol.name} FORCE=1`"
+        )
+    if info.get("teacher_key") != protocol.teacher_key(arch):
+        raise TeacherError(
+            f"{ckpt} was trained under a different teacher recipe of {protocol.name!r} (key "
+            f"{info.get('teacher_key')} ≠ {protocol.teacher_key(arch)}); retrain with "
+            f"`make teachers PROTOCOL={protocol.name} FORCE=1`"
+        )
+    model = create_model(arch, num_classes=info["num_classes"], in_chans=protocol.input.channels)
+    load_state_dict_checked(ckpt, model, arch)
+    info["checkpoint"] = str(ckpt)
+    return model.eval(), info
+
+
+def train_teacher(
+    protocol: Protocol,
+    arch: str,
+    *,
+    root: str | Path | None = None,
+    accelerator: str = "auto",
+    devices: int = 1,
+    progress: bool = True,
+    data_root: str | None = None,
+) -> dict[str, Any]:
+    """Train `arch` on the protocol's training split with its teacher recipe and store it."""
+    from .runner import make_datamodule  # the runner builds data the same way for every run
+    from .trainer import build_trainer
+
+    ckpt, sidecar = teacher_paths(root, protocol, arch)
+    recipe = protocol.teacher
+    L.seed_everything(recipe.seed, workers=True, verbose=False)
+    datamodule = make_datamodule(protocol, seed=recipe.seed, data_root=data_root)
+    model = create_model(arch, num_classes=datamodule.num_classes, in_chans=protocol.input.channels)
+    module = Vanilla(
+        model,
+        num_classes=datamodule.num_classes,
+        optimizer=recipe.optimizer,
+        schedule=recipe.schedule,
+        epochs=recipe.epochs,
+        label_smoothing=protocol.label_smoothing,
+    )
+    log_dir = ckpt.parent / f"{arch}.logs"
+    trainer, history, _ = build_trainer(
+        log_dir, accelerator=accelerator, devices=devices, epochs=recipe.epochs, progress=progress, checkpoint=False
+    )
+    start = time.perf_counter()
+    trainer.fit(module, datamodule)
+    if not trainer.is_global_zero:
+        return {}
+    last = history.history[-1]
+    digest = save_checkpoint_atomic({k: v.detach().cpu() for k, v in model.state_dict().items()}, ckpt)
+    info = {
+        "schema_version": SIDECAR_SCHEMA,
+        "arch": arch,
+        "protocol": protocol.name,
+        "protocol_version": protocol.version,
+        "teacher_key": protocol.teacher_key(arch),
+        "num_classes": datamodule.num_classes,
+        "input": {
+            "size": protocol.input.size,
+            "channels": protocol.input.channels,
+            "mean": list(protocol.input.mean),
+            "std": list(protocol.input.std),
+        },
+        "sha256": digest,
+        "top1": last.get("test/top1"),
+        "top5": last.get("test/top5"),
+        "val_top1": last.get("val/top1"),
+        "epochs": recipe.epochs,
+        "seed": recipe.seed,
+        "source": "trained",
+        "train_time_s": round(time.perf_counter() - start, 1),
+        "trained_at": now_iso(),
+        "git_commit": git_commit(),
+    }
+    write_json_atomic(sidecar, info)
+    return info
+
+
+def ensure_teacher(
+    protocol: Protocol, arch: str, *, root=None, accelerator="auto", progress=True, data_root=None, say=print
+) -> tuple[torch.nn.Module, dict]:
+    """Load the stored teacher, training it first (and saying so) when none is stored."""
+    ckpt, sidecar = teacher_paths(root, protocol, arch)
+    if not ckpt.exists() and not sidecar.exists():
+        if os.environ.get("LOCAL_RANK", "0") != "0":
+            raise TeacherError(f"teacher {arch!r} missing on a DDP worker; run `make teachers` first")
+        say(
+            f"teacher {arch!r} for protocol {protocol.name!r} is not stored yet: training it first "
+            f"({protocol.teacher.epochs} epochs) → {ckpt}"
+        )
+        train_teacher(protocol, arch, root=root, accelerator=accelerator, progress=progress, data_root=data_root)
+    return load_teacher(protocol, arch, root)

@@ -1,0 +1,232 @@
+"""In-memory image-classification data: dataset, sharded epoch sampler and LightningDataModule.
+
+Splits are deterministic: the test split is the dataset's own (or a fixed stratified slice where the
+dataset has none), and the held-out validation slice is carved from train, stratified, with the
+protocol's `split_seed` — the same for every run seed. Shuffling and augmentation use the run seed.
+
+The training sampler shards each *global* batch across ranks (rank r takes the r-th contiguous
+slice), so a step sees the same images on 1 or N devices; the last incomplete global batch of an
+epoch is dropped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, ClassVar
+
+import lightning as L
+import numpy as np
+import torch
+from sklearn.model_selection import train_test_split
+from torch import Tensor
+from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
+
+from . import augment
+from .errors import DatasetError
+
+
+def _identity(batch: Any) -> Any:
+    return batch
+
+
+class ArrayDataset(Dataset):
+    """uint8 images (N, C, H, W) and int64 labels held in memory.
+
+    Keys are `index` or `(index, epoch)`; `__getitems__` returns one collated batch dict
+    (`image` float32 normalised, `label`, `index`), applying the batched augmentation.
+    """
+
+    def __init__(
+        self,
+        images: Tensor,
+        labels: Tensor,
+        *,
+        mean: Sequence[float],
+        std: Sequence[float],
+        augment_spec: Mapping[str, Any] | None = None,
+        seed: int = 0,
+    ):
+        if images.dtype != torch.uint8 or images.ndim != 4:
+            raise DatasetError(f"expected uint8 images (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
+        if len(images) != len(labels):
+            raise DatasetError(f"{len(images)} images but {len(labels)} labels")
+        self.images, self.labels = images, labels.long()
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+        self.augment_spec = dict(augment_spec) if augment_spec else None
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitems__(self, keys: Sequence[int | tuple[int, int]]) -> dict[str, Tensor]:
+        pairs = [k if isinstance(k, tuple) else (k, 0) for k in keys]
+        index = np.fromiter((p[0] for p in pairs), dtype=np.int64, count=len(pairs))
+        epoch = np.fromiter((p[1] for p in pairs), dtype=np.int64, count=len(pairs))
+        idx = torch.from_numpy(index)
+        images = self.images[idx]
+        if self.augment_spec:
+            images = augment.apply(images, index, epoch, self.seed, self.augment_spec)
+        return {"image": self.normalize(images), "label": self.labels[idx], "index": idx}
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Tensor]:
+        batch = self.__getitems__([key])
+        return {k: v[0] for k, v in batch.items()}
+
+    def normalize(self, images: Tensor) -> Tensor:
+        return (images.float().div_(255.0) - self.mean) / self.std
+
+
+class ShardedEpochSampler(Sampler):
+    """Yields `(index, epoch)` keys. Order is a function of (seed, epoch) only.
+
+    Training (`drop_last=True`): a seeded permutation cut into global batches; rank r yields the
+    r-th contiguous `global_batch // world_size` slice of each. Evaluation: rank r takes every
+    world_size-th index, no padding (torchmetrics syncs the states, so nothing is counted twice).
+    """
+
+    def __init__(
+        self,
+        n: int,
+        *,
+        global_batch: int,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle: bool = True,
+        drop_last: bool = True,
+        seed: int = 0,
+    ):
+        if global_batch % world_size:
+            raise DatasetError(f"global batch {global_batch} is not divisible by {world_size} devices")
+        self.n, self.global_batch, self.rank, self.world_size = n, global_batch, rank, world_size
+        self.shuffle, self.drop_last, self.seed = shuffle, drop_last, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _order(self) -> Tensor:
+        if not self.shuffle:
+            return torch.arange(self.n)
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return torch.randperm(self.n, generator=g)
+
+    def _local(self) -> Tensor:
+        order = self._order()
+        if not self.drop_last:
+            return order[self.rank :: self.world_size]
+        steps = self.n // self.global_batch
+        local = self.global_batch // self.world_size
+        grid = order[: steps * self.global_batch].view(steps, self.global_batch)
+        return grid[:, self.rank * local : (self.rank + 1) * local].reshape(-1)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch = self.epoch
+        return iter([(i, epoch) for i in self._local().tolist()])
+
+    def __len__(self) -> int:
+        if not self.drop_last:
+            return len(range(self.rank, self.n, self.world_size))
+        return (self.n // self.global_batch) * (self.global_batch // self.world_size)
+
+
+def stratified_split(labels: np.ndarray, size: int | float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(kept, held_out) index arrays; `size` is a count or a fraction of len(labels)."""
+    idx = np.arange(len(labels))
+    kept, held = train_test_split(idx, test_size=size, random_state=seed, stratify=labels)
+    return np.sort(kept), np.sort(held)
+
+
+class ArrayDataModule(L.LightningDataModule):
+    """Train / held-out val / test loaders over in-memory arrays; subclasses implement `load_arrays`.
+
+    `val_dataloader` returns [val, test]: the base module evaluates both after every epoch, so the
+    last epoch's test metric (the reported number) and the best epoch (logged apart) both exist.
+    """
+
+    name: ClassVar[str] = ""
+    num_classes: ClassVar[int] = 0
+    default_mean: ClassVar[tuple[float, ...]] = ()
+    default_std: ClassVar[tuple[float, ...]] = ()
+
+    def __init__(
+        self,
+        *,
+        batch_size: int = 128,
+        eval_batch_size: int | None = None,
+        val_size: int | float = 0.1,
+        split_seed: int = 0,
+        seed: int = 0,
+        augment: Mapping[str, Any] | None = None,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        num_workers: int = 0,
+        root: str | None = None,
+    ):
+        super().__init__()
+        self.global_batch = batch_size
+        self.eval_batch_size = eval_batch_size or max(batch_size, 256)
+        self.val_size, self.split_seed, self.seed = val_size, split_seed, seed
+        self.augment_spec = dict(augment or {"kind": "none"})
+        self.mean = tuple(mean or self.default_mean)
+        self.std = tuple(std or self.default_std)
+        self.num_workers = num_workers
+        self.root = root
+        self.train_set: ArrayDataset | None = None
+        self.val_set: ArrayDataset | None = None
+        self.test_set: ArrayDataset | None = None
+
+    def load_arrays(self) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+        """((train_images, train_labels), (test_images, test_labels)); uint8 NCHW, int64."""
+        raise NotImplementedError
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        (x_train, y_train), (x_test, y_test) = self.load_arrays()
+        kept, held = stratified_split(y_train.numpy(), self.val_size, self.split_seed)
+        kw = {"mean": self.mean, "std": self.std, "seed": self.seed}
+        self.train_set = ArrayDataset(x_train[kept], y_train[kept], augment_spec=self.augment_spec, **kw)
+        self.val_set = ArrayDataset(x_train[held], y_train[held], **kw)
+        self.test_set = ArrayDataset(x_test, y_test, **kw)
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        self.setup()
+        return tuple(self.train_set.images.shape[1:])
+
+    def _rank_world(self) -> tuple[int, int]:
+        trainer = getattr(self, "trainer", None)
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    def _loader(self, dataset: ArrayDataset, *, train: bool) -> DataLoader:
+        rank, world = self._rank_world()
+        batch = self.global_batch if train else self.eval_batch_size * world
+        sampler = ShardedEpochSampler(
+            len(dataset),
+            global_batch=batch,
+            rank=rank,
+            world_size=world,
+            shuffle=train,
+            drop_last=train,
+            seed=self.seed,
+        )
+        return DataLoader(
+            dataset,
+            batch_sampler=BatchSampler(sampler, batch_size=batch // world, drop_last=False),
+            collate_fn=_identity,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        self.setup()
+        return self._loader(self.train_set, train=True)
+
+    def val_dataloader(self) -> list[DataLoader]:
+        self.setup()
+        return [self._loader(self.val_set, train=False), self._loader(self.test_set, train=False)]
+
+    def test_dataloader(self) -> DataLoader:
+        self.setup()
+        return self._loader(self.test_set, train=False)

@@ -1,0 +1,1 @@
+"""distillbench.leaderboards — run records → published tables."""

@@ -1,0 +1,223 @@
+"""The shared LightningModule of every distillation method, and the frozen-teacher holder.
+
+A method subclasses `DistillModule` and implements `losses(batch) -> dict[str, Tensor]` returning
+the *weighted* terms; the base sums them, logs each, stops on a non-finite loss, builds the
+optimizer and schedule from the protocol, and measures top-1/top-5 with torchmetrics on the
+held-out validation split (dataloader 0) and the test split (dataloader 1) after every epoch.
+
+Batches are dicts: `image` (B, C, H, W) float, `label` (B,) int64, `index` (B,) int64.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from types import SimpleNamespace
+from typing import Any, ClassVar
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy
+
+from .errors import MethodError, NonFiniteLossError
+from .optim import build_optimizer, build_scheduler, step_scheduler
+
+EVAL_SPLITS = ("val", "test")
+
+
+class _Renormalize(nn.Module):
+    """x_teacher = (x · std_in + mean_in − mean_t) / std_t, as one affine map per channel."""
+
+    def __init__(self, mean_in: Sequence[float], std_in: Sequence[float], mean_t, std_t):
+        super().__init__()
+        m_in, s_in = torch.tensor(mean_in), torch.tensor(std_in)
+        m_t, s_t = torch.tensor(mean_t), torch.tensor(std_t)
+        self.register_buffer("scale", (s_in / s_t).view(1, -1, 1, 1))
+        self.register_buffer("shift", ((m_in - m_t) / s_t).view(1, -1, 1, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.scale + self.shift
+
+
+class FrozenTeacher:
+    """A teacher network that can never train.
+
+    Deliberately *not* an `nn.Module`: held outside the method module's tree, it is absent from
+    `parameters()`, `state_dict()` (checkpoints store its path and sha256 instead), DDP's
+    parameter list and `train()`. It is moved with the module through `DistillModule._apply`.
+    Every call runs in eval mode under `torch.no_grad()` and re-normalises the student's batch
+    to the teacher's own mean/std when they differ (heterogeneous pairs).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        info: Mapping[str, Any] | None = None,
+        input_stats: tuple[Sequence[float], Sequence[float]] | None = None,
+        teacher_stats: tuple[Sequence[float], Sequence[float]] | None = None,
+    ):
+        self.model = model.eval().requires_grad_(False)
+        self.info = dict(info or {})
+        self.renorm: nn.Module | None = None
+        if input_stats and teacher_stats and tuple(map(tuple, input_stats)) != tuple(map(tuple, teacher_stats)):
+            self.renorm = _Renormalize(*input_stats, *teacher_stats)
+
+    def _apply(self, fn: Callable) -> None:
+        self.model._apply(fn)
+        if self.renorm is not None:
+            self.renorm._apply(fn)
+
+    def prepare(self, x: Tensor) -> Tensor:
+        if self.model.training:  # someone called train() on it: put it back
+            self.model.eval()
+        return self.renorm(x) if self.renorm is not None else x
+
+    def run(self, fn: Callable[[nn.Module, Tensor], Any], x: Tensor) -> Any:
+        """`fn(model, x)` on the prepared batch, frozen: e.g. `lambda m, x: m.forward_intermediates(x)`."""
+        with torch.no_grad():
+            return fn(self.model, self.prepare(x))
+
+    def logits(self, x: Tensor) -> Tensor:
+        return self.run(lambda m, v: m(v), x)
+
+    def embedding_and_logits(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Penultimate embedding (`forward_head(pre_logits=True)`) and logits, in one pass."""
+
+        def fn(m: nn.Module, v: Tensor) -> tuple[Tensor, Tensor]:
+            emb = m.forward_head(m.forward_features(v), pre_logits=True)
+            return emb, m.get_classifier()(emb)
+
+        return self.run(fn, x)
+
+
+class DistillModule(L.LightningModule):
+    """Base of every method: subclasses implement `losses(batch)`.
+
+    Trainable adapters (projectors, branch heads) are submodules of the subclass, so they train
+    with the student and DDP never needs `find_unused_parameters`; `adapter_parameters()` counts
+    them apart from the student's own.
+    """
+
+    method_name: ClassVar[str] = ""
+    needs_teacher: ClassVar[bool] = True
+    #: the student trained alone: the denominator of every overhead ratio (1 by definition)
+    is_reference_student: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        student: nn.Module,
+        teacher: FrozenTeacher | None = None,
+        *,
+        num_classes: int,
+        hparams: Mapping[str, Any] | None = None,
+        optimizer: Mapping[str, Any] | None = None,
+        schedule: Mapping[str, Any] | None = None,
+        epochs: int = 1,
+        label_smoothing: float = 0.0,
+        artifacts: Mapping[str, Any] | None = None,
+    ):
+        super().__init__()
+        if self.needs_teacher and teacher is None:
+            raise MethodError(f"method {self.method_name!r} needs a teacher")
+        self.student = student
+        object.__setattr__(self, "teacher", teacher)  # outside the module tree, on purpose
+        self.num_classes = num_classes
+        self.hp = SimpleNamespace(**dict(hparams or {}))
+        self.optimizer_spec = dict(optimizer or {"name": "sgd", "lr": 0.1})
+        self.schedule_spec = dict(schedule or {"name": "constant"})
+        self.epochs = epochs
+        self.artifacts = dict(artifacts or {})
+        self.label_smoothing = label_smoothing
+        self._batch_size = 1
+        self._updated_splits: set[str] = set()
+        self.eval_metrics = nn.ModuleDict({split: self._make_metrics(num_classes) for split in EVAL_SPLITS})
+
+    @staticmethod
+    def _make_metrics(num_classes: int) -> MetricCollection:
+        metrics = {"top1": MulticlassAccuracy(num_classes, top_k=1, average="micro")}
+        if num_classes >= 5:
+            metrics["top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
+        return MetricCollection(metrics)
+
+    # -- the method contract -------------------------------------------------------------------
+    def losses(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Return the weighted loss terms whose sum is optimised."""
+        raise NotImplementedError
+
+    def classification_loss(self, logits: Tensor, labels: Tensor) -> Tensor:
+        """The protocol's criterion on student logits (CE, optionally label-smoothed), in float32."""
+        return F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
+
+    def log_diagnostics(self, values: Mapping[str, Tensor | float]) -> None:
+        """Unweighted terms and other per-step quantities, logged under `diag/`."""
+        for key, value in values.items():
+            self.log(f"diag/{key}", value, on_step=False, on_epoch=True, batch_size=self._batch_size)
+
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        student_ids = {id(p) for p in self.student.parameters()}
+        return [p for p in self.parameters() if id(p) not in student_ids]
+
+    # -- Lightning hooks -------------------------------------------------------------------
+    def forward(self, x: Tensor) -> Tensor:
+        return self.student(x)
+
+    def _apply(self, fn, *args, **kwargs):
+        module = super()._apply(fn, *args, **kwargs)
+        if self.teacher is not None:
+            self.teacher._apply(fn)
+        return module
+
+    def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
+        self._batch_size = int(batch["image"].shape[0])
+        terms = self.losses(batch)
+        loss = torch.stack([t.float() for t in terms.values()]).sum()
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                self.global_step, self.current_epoch, {k: float(v.detach()) for k, v in terms.items()}
+            )
+        for key, value in terms.items():
+            self.log(f"train/{key}", value.detach(), on_step=True, on_epoch=True, batch_size=self._batch_size)
+        self.log("train/loss", loss.detach(), on_step=True, on_epoch=True, prog_bar=True, batch_size=self._batch_size)
+        return loss
+
+    def validation_step(self, batch: Mapping[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._evaluate(batch, EVAL_SPLITS[dataloader_idx])
+
+    def test_step(self, batch: Mapping[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._evaluate(batch, "test")
+
+    def _evaluate(self, batch: Mapping[str, Tensor], split: str) -> None:
+        logits = self.student(batch["image"])
+        self.eval_metrics[split].update(logits, batch["label"])
+        self._updated_splits.add(split)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_eval_metrics()
+
+    def on_test_epoch_end(self) -> None:
+        self._log_eval_metrics()
+
+    def _log_eval_metrics(self) -> None:
+        for split in sorted(self._updated_splits):
+            metrics = self.eval_metrics[split]
+            for name, value in metrics.compute().items():  # torchmetrics syncs across ranks here
+                self.log(f"{split}/{name}", 100.0 * value, prog_bar=(name == "top1"), sync_dist=False)
+            metrics.reset()
+        self._updated_splits.clear()
+
+    def configure_optimizers(self):
+        optimizer = build_optimizer(self, self.optimizer_spec)
+        scheduler = build_scheduler(optimizer, self.schedule_spec, self.epochs)
+        if scheduler is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+    def lr_scheduler_step(self, scheduler, metric) -> None:
+        step_scheduler(scheduler, self.current_epoch)
+
+    def on_train_epoch_start(self) -> None:
+        if self.teacher is not None:
+            self.teacher.model.eval()

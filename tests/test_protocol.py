@@ -1,0 +1,73 @@
+"""Protocol loading, validation errors, hashing."""
+
+from __future__ import annotations
+
+import pytest
+from distillbench.benchmark.protocol import ProtocolError, list_protocols, load_protocol
+
+from tests.conftest import TINY_PROTOCOL, write_protocol
+
+
+def test_shipped_protocols_load():
+    assert {"digits", "fmnist"} <= set(list_protocols())
+    for name in list_protocols():
+        p = load_protocol(name)
+        assert p.name == name and p.selection == "last"
+        assert p.pair().name in p.pair_names()
+        assert p.batch_size >= 1 and p.seeds
+
+
+def test_unknown_protocol_lists_available():
+    with pytest.raises(ProtocolError, match=r"unknown protocol 'nope'; available: .*digits.*fmnist"):
+        load_protocol("nope")
+
+
+def test_unknown_pair_lists_valid_pairs():
+    with pytest.raises(ProtocolError, match=r"no pair 'a__b'; valid pairs: resnet20__resnet8"):
+        load_protocol("digits").pair("a__b")
+
+
+def test_unknown_key_is_an_error(tmp_path):
+    bad = {**TINY_PROTOCOL, "epochz": 3}
+    with pytest.raises(ProtocolError, match=r"unknown key\(s\) epochz"):
+        load_protocol(write_protocol(tmp_path / "bad.yaml", bad))
+    bad = {**TINY_PROTOCOL, "optimizer": {**TINY_PROTOCOL["optimizer"], "momentun": 0.9}}
+    with pytest.raises(ProtocolError, match=r"optimizer: unknown key\(s\) momentun"):
+        load_protocol(write_protocol(tmp_path / "bad2.yaml", bad))
+
+
+def test_missing_and_mistyped_keys(tmp_path):
+    bad = {k: v for k, v in TINY_PROTOCOL.items() if k != "epochs"}
+    with pytest.raises(ProtocolError, match="missing required key 'epochs'"):
+        load_protocol(write_protocol(tmp_path / "a.yaml", bad))
+    bad = {**TINY_PROTOCOL, "batch_size": "big"}
+    with pytest.raises(ProtocolError, match=r"batch_size: expected an integer"):
+        load_protocol(write_protocol(tmp_path / "b.yaml", bad))
+
+
+def test_malformed_yaml(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("name: x\nepochs: [1, 2\n")
+    with pytest.raises(ProtocolError, match="malformed YAML"):
+        load_protocol(path)
+
+
+def test_hash_is_stable_and_tracks_the_recipe():
+    p = load_protocol("fmnist")
+    assert p.hash(p.pair()) == load_protocol("fmnist").hash(p.pair())
+    assert p.with_epochs(1).hash(p.pair()) != p.hash(p.pair())
+    # the teacher's identity does not depend on the student's epochs
+    assert p.with_epochs(1).teacher_key("resnet20") == p.teacher_key("resnet20")
+    assert p.teacher_key("resnet20") != p.teacher_key("resnet56")
+
+
+def test_with_epochs_drops_milestones_past_the_end():
+    p = load_protocol("digits")
+    q = p.__class__(**{**p.__dict__, "schedule": {"name": "multistep", "milestones": [2, 5, 9]}})
+    assert q.with_epochs(6).schedule["milestones"] == [2, 5]
+
+
+def test_default_pair_must_exist(tmp_path):
+    bad = {**TINY_PROTOCOL, "default_pair": "x__y"}
+    with pytest.raises(ProtocolError, match="default_pair 'x__y' is not one of"):
+        load_protocol(write_protocol(tmp_path / "c.yaml", bad))
