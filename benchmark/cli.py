@@ -198,9 +198,11 @@ def _fmt(value, digits: int = 2) -> str:
 
 def cmd_teachers(args: argparse.Namespace) -> int:
     from .protocol import load_protocol
+    from .runner import make_datamodule
     from .teachers import load_teacher, teacher_paths, train_teacher
 
     protocol = load_protocol(args.protocol)
+    fingerprint = make_datamodule(protocol, seed=0, data_root=args.data_root).fingerprint()
     archs = args.arch or sorted({p.teacher for p in protocol.pairs})
     table = Table(title=f"teachers of {protocol.name}")
     for col in ("arch", "action", "test top-1", "sha256", "checkpoint"):
@@ -224,7 +226,7 @@ def cmd_teachers(args: argparse.Namespace) -> int:
             action = "trained"
             if os.environ.get("LOCAL_RANK", "0") != "0":
                 continue
-        _, info = load_teacher(protocol, arch, args.teachers)
+        _, info = load_teacher(protocol, arch, args.teachers, data_fingerprint=fingerprint)
         table.add_row(arch, action, _fmt(info.get("top1")), info["sha256"][:12], str(ckpt))
     if os.environ.get("LOCAL_RANK", "0") == "0":
         Console().print(table)

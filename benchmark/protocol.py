@@ -28,7 +28,7 @@ import yaml
 from .errors import BenchmarkError
 
 OPTIMIZER_KEYS = {"name", "lr", "momentum", "nesterov", "weight_decay", "betas", "eps", "no_decay_bias_norm"}
-SCHEDULE_KEYS = {"name", "milestones", "gamma", "warmup_epochs", "warmup_lr", "min_lr"}
+SCHEDULE_KEYS = {"name", "interval", "milestones", "gamma", "warmup_epochs", "warmup_lr", "min_lr"}
 AUGMENT_KEYS = {"kind", "pad", "flip", "scale", "ratio"}
 
 
@@ -131,10 +131,12 @@ class Protocol:
     def hash(self, pair: PairSpec | None = None) -> str:
         return content_hash(self.recipe(pair))
 
-    def teacher_key(self, arch: str) -> str:
-        """Identity of a teacher trained under this protocol: data, input, augmentation, recipe, arch."""
+    def teacher_key(self, arch: str, data_fingerprint: str) -> str:
+        """Identity of a teacher trained under this protocol: the training data's fingerprint, splits,
+        input, augmentation, teacher recipe and architecture — not the student's recipe."""
         return content_hash(
             {
+                "data": data_fingerprint,
                 "dataset": dataclasses.asdict(self.dataset),
                 "input": dataclasses.asdict(self.input),
                 "augment": self.augment,

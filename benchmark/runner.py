@@ -144,57 +144,37 @@ def run(request: RunRequest, say=print) -> dict[str, Any]:
     protocol, pair, seed = r.protocol, r.pair, request.seed
     run_id = os.environ.get("DISTILLBENCH_RUN_ID") or uuid.uuid4().hex[:12]
     os.environ["DISTILLBENCH_RUN_ID"] = run_id  # DDP workers re-run this command: share the id
-    L.seed_everything(seed, workers=True, verbose=False)
 
     datamodule = make_datamodule(protocol, seed=seed, data_root=request.data_root)
     num_classes = datamodule.num_classes
-    input_shape = (protocol.input.channels, protocol.input.size, protocol.input.size)
-    teacher, teacher_info = None, None
-    if r.spec.needs_teacher:
-        model, info = ensure_teacher(
-            protocol,
-            pair.teacher,
-            root=request.teachers,
-            accelerator=request.accelerator,
-            progress=request.progress,
-            data_root=request.data_root,
-            say=say,
-        )
-        stats = (protocol.input.mean, protocol.input.std)
-        teacher_stats = (info["input"]["mean"], info["input"]["std"])
-        teacher = FrozenTeacher(model, info=info, input_stats=stats, teacher_stats=teacher_stats)
-        teacher_info = {
-            "arch": pair.teacher,
-            "checkpoint": info["checkpoint"],
-            "checkpoint_sha256": info["sha256"],
-            "top1": info.get("top1"),
-            "top5": info.get("top5"),
-            "params": cost.count_params(model),
-        }
-        L.seed_everything(seed, workers=True, verbose=False)  # teacher training must not shift the student's init
-
+    teacher, teacher_info = _build_teacher(r, datamodule, say) if r.spec.needs_teacher else (None, None)
+    L.seed_everything(seed, workers=True, verbose=False)  # after any teacher training: same init either way
     student = create_model(pair.student, num_classes=num_classes, in_chans=protocol.input.channels)
-    config = {
-        "method": request.method,
-        "variant": r.variant,
-        "hparams": r.hparams,
-        "protocol": protocol.name,
-        "protocol_version": protocol.version,
-        "protocol_hash": protocol.hash(pair),
-        "pair": r.pair_label,
-        "seed": seed,
-        "recipe": protocol.recipe(pair),
-        "devices": request.devices,
-        "precision": request.precision,
-        "teacher": teacher_info,
-    }
+    record = _new_record(r, run_id, teacher_info, student)
+
     r.run_dir.mkdir(parents=True, exist_ok=True)
+    config = {
+        k: record[k]
+        for k in (
+            "method",
+            "variant",
+            "hparams",
+            "protocol",
+            "protocol_version",
+            "protocol_hash",
+            "pair",
+            "seed",
+            "teacher",
+            "world_size",
+            "precision",
+        )
+    }
     loggers = make_loggers(
         r.run_dir,
         run_id=run_id,
         group=f"{protocol.name}/{r.pair_label}",
         name=f"{request.method}-s{seed}",
-        config=config,
+        config={**config, "recipe": protocol.recipe(pair)},
         tags=[protocol.name, request.method, pair.student],
         use_wandb=request.wandb,
     )
@@ -207,44 +187,6 @@ def run(request: RunRequest, say=print) -> dict[str, Any]:
         loggers=loggers,
         progress=request.progress,
     )
-
-    record: dict[str, Any] = {
-        "schema_version": SCHEMA_VERSION,
-        "run_id": run_id,
-        "status": "running",
-        "method": request.method,
-        "variant": r.variant,
-        "hparams": r.hparams,
-        "protocol": protocol.name,
-        "protocol_version": protocol.version,
-        "protocol_hash": protocol.hash(pair),
-        "protocol_source": protocol.source,
-        "pair": r.pair_label,
-        "teacher": teacher_info,
-        "student": {"arch": pair.student, "params": cost.count_params(student)},
-        "seed": seed,
-        "metrics": {},
-        "best_epoch_metrics": {},
-        "val_selected_metrics": {},
-        "history": [],
-        "epochs": protocol.epochs,
-        "world_size": request.devices,
-        "precision": request.precision,
-        "optimizer": protocol.optimizer_for(pair),
-        "schedule": protocol.schedule,
-        "train_time_s": None,
-        "throughput_img_s": None,
-        "overhead_vs_student": None,
-        "peak_mem_mb": None,
-        "git_commit": git_commit(),
-        "versions": versions(),
-        "hardware": hardware(resolve_accelerator(request.accelerator)),
-        "wandb_run": None,
-        "started_at": now_iso(),
-        "finished_at": None,
-        "error": None,
-    }
-
     context = StageContext(
         method=request.method,
         hparams=r.hparams,
@@ -256,6 +198,7 @@ def run(request: RunRequest, say=print) -> dict[str, Any]:
         work_dir=r.run_dir,
         cache_dir=Path(teacher_info["checkpoint"]).parent if teacher_info else r.run_dir,
     )
+    input_shape = (protocol.input.channels, protocol.input.size, protocol.input.size)
     start = time.perf_counter()
     module = None
     try:
@@ -282,12 +225,11 @@ def run(request: RunRequest, say=print) -> dict[str, Any]:
             error={"type": "NonFiniteLossError", "message": str(exc), "step": exc.step, "epoch": exc.epoch},
         )
         raise
-    except KeyboardInterrupt:
-        record["status"] = "interrupted"
-        raise
     except BaseException as exc:
+        # Lightning turns Ctrl-C into a graceful shutdown followed by SystemExit; the trainer knows
+        interrupted = trainer.interrupted or isinstance(exc, KeyboardInterrupt)
         record.update(
-            status="failed",
+            status="interrupted" if interrupted else "failed",
             error={"type": type(exc).__name__, "message": str(exc), "traceback": traceback.format_exc(limit=8)},
         )
         raise
@@ -302,6 +244,75 @@ def run(request: RunRequest, say=print) -> dict[str, Any]:
             if trainer.is_global_zero:
                 save_record(r.path, record)
     return record
+
+
+def _build_teacher(r: ResolvedRun, datamodule, say) -> tuple[FrozenTeacher, dict[str, Any]]:
+    request, protocol = r.request, r.protocol
+    model, info = ensure_teacher(
+        protocol,
+        r.pair.teacher,
+        data_fingerprint=datamodule.fingerprint(),
+        root=request.teachers,
+        accelerator=request.accelerator,
+        progress=request.progress,
+        data_root=request.data_root,
+        say=say,
+    )
+    teacher = FrozenTeacher(
+        model,
+        info=info,
+        input_stats=(protocol.input.mean, protocol.input.std),
+        teacher_stats=(info["input"]["mean"], info["input"]["std"]),
+    )
+    summary = {
+        "arch": r.pair.teacher,
+        "checkpoint": info["checkpoint"],
+        "checkpoint_sha256": info["sha256"],
+        "top1": info.get("top1"),
+        "top5": info.get("top5"),
+        "params": cost.count_params(model),
+    }
+    return teacher, summary
+
+
+def _new_record(r: ResolvedRun, run_id: str, teacher_info: dict | None, student) -> dict[str, Any]:
+    request, protocol, pair = r.request, r.protocol, r.pair
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "run_id": run_id,
+        "status": "running",
+        "method": request.method,
+        "variant": r.variant,
+        "hparams": r.hparams,
+        "protocol": protocol.name,
+        "protocol_version": protocol.version,
+        "protocol_hash": protocol.hash(pair),
+        "protocol_source": protocol.source,
+        "pair": r.pair_label,
+        "teacher": teacher_info,
+        "student": {"arch": pair.student, "params": cost.count_params(student)},
+        "seed": request.seed,
+        "metrics": {},
+        "best_epoch_metrics": {},
+        "val_selected_metrics": {},
+        "history": [],
+        "epochs": protocol.epochs,
+        "world_size": request.devices,
+        "precision": request.precision,
+        "optimizer": protocol.optimizer_for(pair),
+        "schedule": protocol.schedule,
+        "train_time_s": None,
+        "throughput_img_s": None,
+        "overhead_vs_student": None,
+        "peak_mem_mb": None,
+        "git_commit": git_commit(),
+        "versions": versions(),
+        "hardware": hardware(resolve_accelerator(request.accelerator)),
+        "wandb_run": None,
+        "started_at": now_iso(),
+        "finished_at": None,
+        "error": None,
+    }
 
 
 def _finish_record(

@@ -92,8 +92,10 @@ def _key_mismatch(expected: dict, found: dict) -> tuple[list[str], list[str]]:
     return sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
 
 
-def load_teacher(protocol: Protocol, arch: str, root: str | Path | None = None) -> tuple[torch.nn.Module, dict]:
-    """Load a stored teacher after checking its sidecar, sha256 and teacher key."""
+def load_teacher(
+    protocol: Protocol, arch: str, root: str | Path | None = None, *, data_fingerprint: str
+) -> tuple[torch.nn.Module, dict]:
+    """Load a stored teacher after checking its sidecar, sha256, training data and recipe."""
     ckpt, sidecar = teacher_paths(root, protocol, arch)
     if not ckpt.is_file() or not sidecar.is_file():
         raise TeacherError(
@@ -110,10 +112,15 @@ def load_teacher(protocol: Protocol, arch: str, root: str | Path | None = None) 
             f"{ckpt}: sha256 {actual[:12]}… does not match its sidecar ({str(info.get('sha256'))[:12]}…); the "
             f"checkpoint was changed or corrupted — retrain with `make teachers PROTOCOL={protocol.name} FORCE=1`"
         )
-    if info.get("teacher_key") != protocol.teacher_key(arch):
+    if info.get("data_fingerprint") != data_fingerprint:
         raise TeacherError(
-            f"{ckpt} was trained under a different teacher recipe of {protocol.name!r} (key "
-            f"{info.get('teacher_key')} ≠ {protocol.teacher_key(arch)}); retrain with "
+            f"{ckpt} was trained on other data (fingerprint {info.get('data_fingerprint')} ≠ {data_fingerprint}: "
+            f"another DATA_ROOT or a generated tree?); use another teacher store (DISTILLBENCH_TEACHERS) or "
+            f"retrain with `make teachers PROTOCOL={protocol.name} FORCE=1`"
+        )
+    if info.get("teacher_key") != protocol.teacher_key(arch, data_fingerprint):
+        raise TeacherError(
+            f"{ckpt} was trained under a different teacher recipe of {protocol.name!r}; retrain with "
             f"`make teachers PROTOCOL={protocol.name} FORCE=1`"
         )
     model = create_model(arch, num_classes=info["num_classes"], in_chans=protocol.input.channels)
@@ -140,6 +147,7 @@ def train_teacher(
     recipe = protocol.teacher
     L.seed_everything(recipe.seed, workers=True, verbose=False)
     datamodule = make_datamodule(protocol, seed=recipe.seed, data_root=data_root)
+    fingerprint = datamodule.fingerprint()
     model = create_model(arch, num_classes=datamodule.num_classes, in_chans=protocol.input.channels)
     module = Vanilla(
         model,
@@ -164,7 +172,8 @@ def train_teacher(
         "arch": arch,
         "protocol": protocol.name,
         "protocol_version": protocol.version,
-        "teacher_key": protocol.teacher_key(arch),
+        "teacher_key": protocol.teacher_key(arch, fingerprint),
+        "data_fingerprint": fingerprint,
         "num_classes": datamodule.num_classes,
         "input": {
             "size": protocol.input.size,
@@ -188,7 +197,15 @@ def train_teacher(
 
 
 def ensure_teacher(
-    protocol: Protocol, arch: str, *, root=None, accelerator="auto", progress=True, data_root=None, say=print
+    protocol: Protocol,
+    arch: str,
+    *,
+    data_fingerprint: str,
+    root=None,
+    accelerator="auto",
+    progress=True,
+    data_root=None,
+    say=print,
 ) -> tuple[torch.nn.Module, dict]:
     """Load the stored teacher, training it first (and saying so) when none is stored."""
     ckpt, sidecar = teacher_paths(root, protocol, arch)
@@ -200,4 +217,4 @@ def ensure_teacher(
             f"({protocol.teacher.epochs} epochs) → {ckpt}"
         )
         train_teacher(protocol, arch, root=root, accelerator=accelerator, progress=progress, data_root=data_root)
-    return load_teacher(protocol, arch, root)
+    return load_teacher(protocol, arch, root, data_fingerprint=data_fingerprint)

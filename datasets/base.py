@@ -11,6 +11,7 @@ epoch is dropped.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -189,6 +190,19 @@ class ArrayDataModule(L.LightningDataModule):
         self.train_set = ArrayDataset(x_train[kept], y_train[kept], augment_spec=self.augment_spec, **kw)
         self.val_set = ArrayDataset(x_train[held], y_train[held], **kw)
         self.test_set = ArrayDataset(x_test, y_test, **kw)
+
+    def fingerprint(self) -> str:
+        """sha256 (16 hex) of the training split's images and labels: which data a teacher was trained on.
+
+        Part of a teacher's key, so a teacher trained on a generated tiny tree or another DATA_ROOT is
+        never used with the real dataset.
+        """
+        self.setup()
+        digest = hashlib.sha256(self.name.encode())
+        digest.update(str(tuple(self.train_set.images.shape)).encode())
+        digest.update(self.train_set.images.numpy().tobytes())
+        digest.update(self.train_set.labels.numpy().tobytes())
+        return digest.hexdigest()[:16]
 
     @property
     def input_shape(self) -> tuple[int, int, int]:

@@ -210,13 +210,20 @@ class DistillModule(L.LightningModule):
 
     def configure_optimizers(self):
         optimizer = build_optimizer(self, self.optimizer_spec)
-        scheduler = build_scheduler(optimizer, self.schedule_spec, self.epochs)
+        interval = self.schedule_spec.get("interval", "epoch")
+        steps_per_epoch = max(1, self.trainer.estimated_stepping_batches // max(self.trainer.max_epochs, 1))
+        scheduler = build_scheduler(optimizer, self.schedule_spec, self.epochs, steps_per_epoch)
         if scheduler is None:
             return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}
 
     def lr_scheduler_step(self, scheduler, metric) -> None:
-        step_scheduler(scheduler, self.current_epoch)
+        step_scheduler(
+            scheduler,
+            interval=self.schedule_spec.get("interval", "epoch"),
+            finished_epoch=self.current_epoch,
+            global_step=self.global_step,
+        )
 
     def on_train_epoch_start(self) -> None:
         if self.teacher is not None:

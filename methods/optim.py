@@ -21,6 +21,7 @@ from .errors import MethodError
 
 OPTIMIZERS = ("sgd", "adamw", "adam")
 SCHEDULES = ("multistep", "cosine", "constant")
+INTERVALS = ("epoch", "step")
 
 
 def build_optimizer(module: nn.Module, spec: Mapping[str, Any]) -> torch.optim.Optimizer:
@@ -53,30 +54,47 @@ def build_optimizer(module: nn.Module, spec: Mapping[str, Any]) -> torch.optim.O
     raise MethodError(f"unknown optimizer {name!r}; valid: {', '.join(OPTIMIZERS)}")
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, spec: Mapping[str, Any], epochs: int):
-    """Return a per-epoch scheduler (torch LRScheduler or timm Scheduler), or None for constant."""
+def build_scheduler(optimizer: torch.optim.Optimizer, spec: Mapping[str, Any], epochs: int, steps_per_epoch: int = 1):
+    """A scheduler (torch LRScheduler or timm Scheduler), or None for a constant lr.
+
+    `interval: epoch` (default) changes the lr once per epoch, as the reference recipes do;
+    `interval: step` evaluates the cosine per optimizer step (used by the short small protocols,
+    where a per-epoch staircase would leave the last epoch at a large lr).
+    """
     name = spec.get("name", "constant")
+    interval = spec.get("interval", "epoch")
+    if interval not in INTERVALS:
+        raise MethodError(f"unknown schedule interval {interval!r}; valid: {', '.join(INTERVALS)}")
     if name == "constant":
         return None
     if name == "multistep":
+        if interval != "epoch":
+            raise MethodError("multistep schedules are per epoch (milestones are epochs)")
         return torch.optim.lr_scheduler.MultiStepLR(
             optimizer, milestones=list(spec.get("milestones", [])), gamma=float(spec.get("gamma", 0.1))
         )
     if name == "cosine":
+        unit = steps_per_epoch if interval == "step" else 1
         return CosineLRScheduler(
             optimizer,
-            t_initial=epochs,
+            t_initial=epochs * unit,
             lr_min=float(spec.get("min_lr", 0.0)),
-            warmup_t=int(spec.get("warmup_epochs", 0)),
+            warmup_t=int(spec.get("warmup_epochs", 0)) * unit,
             warmup_lr_init=float(spec.get("warmup_lr", 0.0)),
-            t_in_epochs=True,
+            t_in_epochs=interval == "epoch",
         )
     raise MethodError(f"unknown schedule {name!r}; valid: {', '.join(SCHEDULES)}")
 
 
-def step_scheduler(scheduler, finished_epoch: int) -> None:
-    """Advance a per-epoch scheduler after 0-based epoch `finished_epoch`, to the next epoch's lr."""
+def step_scheduler(scheduler, *, interval: str, finished_epoch: int, global_step: int) -> None:
+    """Advance the scheduler after an epoch (`interval: epoch`) or an optimizer step (`step`).
+
+    `finished_epoch` is 0-based; `global_step` counts the optimizer steps taken so far.
+    """
     if isinstance(scheduler, Scheduler):
-        scheduler.step(epoch=finished_epoch + 1)
+        if interval == "step":
+            scheduler.step_update(num_updates=global_step)
+        else:
+            scheduler.step(epoch=finished_epoch + 1)
     else:
         scheduler.step()

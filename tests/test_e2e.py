@@ -9,7 +9,7 @@ import pytest
 from distillbench.benchmark.cli import main
 from distillbench.benchmark.protocol import load_protocol
 from distillbench.benchmark.results import validate_record
-from distillbench.benchmark.runner import RunRequest, run
+from distillbench.benchmark.runner import RunRequest, make_datamodule, run
 from distillbench.benchmark.teachers import TeacherError, load_teacher
 
 
@@ -31,10 +31,9 @@ def test_digits_kd_run_writes_a_valid_record(tiny_protocol_path, teacher_store, 
     assert validate_record(on_disk) == []
     assert on_disk["status"] == "finished" and on_disk["world_size"] == 1
     assert on_disk["metrics"]["top1"] > 30  # chance is 10 %
-    assert (
-        on_disk["teacher"]["checkpoint_sha256"]
-        == load_teacher(load_protocol(tiny_protocol_path), "resnet14", teacher_store)[1]["sha256"]
-    )
+    sidecar = json.loads((teacher_store / "tinydigits" / "resnet14.json").read_text())
+    assert on_disk["teacher"]["checkpoint_sha256"] == sidecar["sha256"]
+    assert on_disk["teacher"]["top1"] == sidecar["top1"]
     assert on_disk["student"]["params"] == 77_754 and on_disk["student"]["flops"] > 0
     assert on_disk["overhead_vs_student"] > 1.0  # KD pays a teacher forward
     assert len(on_disk["history"]) == 2 and on_disk["best_epoch_metrics"]["epoch"] in (0, 1)
@@ -98,8 +97,26 @@ def test_tampered_teacher_is_refused(tiny_protocol_path, teacher_store, tmp_path
     data = bytearray(ckpt.read_bytes())
     data[-20] ^= 0xFF
     ckpt.write_bytes(bytes(data))
+    protocol = load_protocol(tiny_protocol_path)
+    fingerprint = make_datamodule(protocol, seed=0).fingerprint()
     with pytest.raises(TeacherError, match="does not match its sidecar"):
-        load_teacher(load_protocol(tiny_protocol_path), "resnet14", store)
+        load_teacher(protocol, "resnet14", store, data_fingerprint=fingerprint)
+
+
+def test_teacher_trained_on_other_data_is_refused(tiny_protocol_path, teacher_store):
+    with pytest.raises(TeacherError, match="trained on other data"):
+        load_teacher(load_protocol(tiny_protocol_path), "resnet14", teacher_store, data_fingerprint="0" * 16)
+
+
+def test_wrong_architecture_checkpoint_is_refused(tiny_protocol_path, teacher_store, tmp_path):
+    from distillbench.benchmark.teachers import load_state_dict_checked
+    from distillbench.benchmark.zoo import create_model
+
+    with pytest.raises(TeacherError, match="does not fit architecture 'resnet20'"):
+        load_state_dict_checked(teacher_store / "tinydigits" / "resnet14.pt", create_model("resnet20"), "resnet20")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(TeacherError, match="not a loadable checkpoint"):
+        load_state_dict_checked(tmp_path / "junk.pt", create_model("resnet14"), "resnet14")
 
 
 def test_finished_run_is_not_overwritten(tiny_protocol_path, teacher_store, tmp_path, capsys):

@@ -2,19 +2,28 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from distillbench.methods.optim import build_optimizer, build_scheduler, step_scheduler
 
 
-def _lrs(schedule: dict, epochs: int) -> list[float]:
-    """The lr used in each 0-based epoch, stepped as the base module steps it."""
+def _lrs(schedule: dict, epochs: int, steps_per_epoch: int = 1) -> list[float]:
+    """The lr of every optimizer step, stepped as the base module steps it."""
     opt = build_optimizer(torch.nn.Linear(2, 2), {"name": "sgd", "lr": 1.0})
-    sched = build_scheduler(opt, schedule, epochs)
-    out = []
+    sched = build_scheduler(opt, schedule, epochs, steps_per_epoch)
+    interval = schedule.get("interval", "epoch")
+    out, step = [], 0
     for epoch in range(epochs):
-        out.append(opt.param_groups[0]["lr"])
-        step_scheduler(sched, epoch)
+        for _ in range(steps_per_epoch):
+            out.append(opt.param_groups[0]["lr"])
+            opt.step()
+            step += 1
+            if interval == "step":
+                step_scheduler(sched, interval="step", finished_epoch=epoch, global_step=step)
+        if interval == "epoch":
+            step_scheduler(sched, interval="epoch", finished_epoch=epoch, global_step=step)
     return out
 
 
@@ -27,6 +36,20 @@ def test_cosine_with_warmup_per_epoch():
     lrs = _lrs({"name": "cosine", "warmup_epochs": 2, "warmup_lr": 0.0, "min_lr": 0.0}, 6)
     assert lrs[0] == pytest.approx(0.0) and lrs[1] == pytest.approx(0.5)
     assert lrs[2] > lrs[3] > lrs[4] > lrs[5] > 0
+
+
+def test_cosine_per_step_reaches_zero_smoothly():
+    lrs = _lrs({"name": "cosine", "interval": "step"}, epochs=2, steps_per_epoch=4)
+    expected = [0.5 * (1 + math.cos(math.pi * t / 8)) for t in range(8)]
+    assert lrs == pytest.approx(expected)
+    per_epoch = _lrs({"name": "cosine"}, epochs=2, steps_per_epoch=4)
+    assert per_epoch == pytest.approx([1.0] * 4 + [0.5] * 4)
+
+
+def test_multistep_per_step_is_refused():
+    opt = build_optimizer(torch.nn.Linear(2, 2), {"lr": 1})
+    with pytest.raises(ValueError, match="multistep schedules are per epoch"):
+        build_scheduler(opt, {"name": "multistep", "interval": "step", "milestones": [1]}, 3)
 
 
 def test_no_decay_groups_exclude_bias_and_norm():

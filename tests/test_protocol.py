@@ -56,9 +56,10 @@ def test_hash_is_stable_and_tracks_the_recipe():
     p = load_protocol("fmnist")
     assert p.hash(p.pair()) == load_protocol("fmnist").hash(p.pair())
     assert p.with_epochs(1).hash(p.pair()) != p.hash(p.pair())
-    # the teacher's identity does not depend on the student's epochs
-    assert p.with_epochs(1).teacher_key("resnet20") == p.teacher_key("resnet20")
-    assert p.teacher_key("resnet20") != p.teacher_key("resnet56")
+    # the teacher's identity depends on its data and architecture, not on the student's epochs
+    assert p.with_epochs(1).teacher_key("resnet20", "d1") == p.teacher_key("resnet20", "d1")
+    assert p.teacher_key("resnet20", "d1") != p.teacher_key("resnet56", "d1")
+    assert p.teacher_key("resnet20", "d1") != p.teacher_key("resnet20", "d2")
 
 
 def test_with_epochs_drops_milestones_past_the_end():
