@@ -43,20 +43,21 @@ def make_loggers(
     if use_wandb:
         os.environ.setdefault("WANDB_SILENT", "true")
         mode = wandb_mode()
-        loggers.append(
-            WandbLogger(
-                project=WANDB_PROJECT,
-                group=group,
-                name=name,
-                id=run_id,
-                save_dir=str(run_dir),
-                offline=mode == "offline",
-                mode=mode if mode == "disabled" else None,
-                config=config,
-                tags=tags,
-                resume="allow",
-            )
+        wandb_logger = WandbLogger(
+            project=WANDB_PROJECT,
+            group=group,
+            name=name,
+            id=run_id,
+            save_dir=str(run_dir),
+            offline=mode == "offline",
+            mode=mode if mode == "disabled" else None,
+            config=config,
+            tags=tags,
+            resume="allow",
         )
+        # Lightning always forwards `anonymous`, which wandb ≥ 0.19 deprecates with a warning per run
+        wandb_logger._wandb_init.pop("anonymous", None)
+        loggers.append(wandb_logger)
     return loggers
 
 
