@@ -91,6 +91,7 @@ def make_datamodule(protocol: Protocol, *, seed: int, data_root: str | None = No
         std=protocol.input.std,
         num_workers=protocol.num_workers,
         root=data_root or os.environ.get("DATA_ROOT"),
+        image_size=protocol.input.size,
     )
 
 

@@ -6,13 +6,18 @@ import difflib
 from typing import Any
 
 from .base import ArrayDataModule, ArrayDataset, ShardedEpochSampler
+from .cifar import CIFAR10DataModule, CIFAR100DataModule
 from .digits import DigitsDataModule
 from .errors import CorruptDatasetError, DatasetError, DatasetNotFoundError, UnknownDatasetError
 from .fmnist import FashionMNISTDataModule
+from .imagenet import ImageNetDataModule
 
 DATAMODULES: dict[str, type] = {
     "digits": DigitsDataModule,
     "fmnist": FashionMNISTDataModule,
+    "cifar10": CIFAR10DataModule,
+    "cifar100": CIFAR100DataModule,
+    "imagenet": ImageNetDataModule,
 }
 
 

@@ -23,6 +23,7 @@ from torch import Tensor
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
 
 from . import augment
+from .augment import eval_spec
 from .errors import DatasetError
 
 
@@ -163,12 +164,16 @@ class ArrayDataModule(L.LightningDataModule):
         std: Sequence[float] | None = None,
         num_workers: int = 0,
         root: str | None = None,
+        image_size: int | None = None,
     ):
         super().__init__()
         self.global_batch = batch_size
         self.eval_batch_size = eval_batch_size or max(batch_size, 256)
         self.val_size, self.split_seed, self.seed = val_size, split_seed, seed
         self.augment_spec = dict(augment or {"kind": "none"})
+        if self.augment_spec.get("kind") == "rrc" and image_size is not None:
+            self.augment_spec.setdefault("size", image_size)
+        self.eval_spec = eval_spec(self.augment_spec)  # e.g. resize + centre crop after rrc
         self.mean = tuple(mean or self.default_mean)
         self.std = tuple(std or self.default_std)
         self.num_workers = num_workers
@@ -188,8 +193,8 @@ class ArrayDataModule(L.LightningDataModule):
         kept, held = stratified_split(y_train.numpy(), self.val_size, self.split_seed)
         kw = {"mean": self.mean, "std": self.std, "seed": self.seed}
         self.train_set = ArrayDataset(x_train[kept], y_train[kept], augment_spec=self.augment_spec, **kw)
-        self.val_set = ArrayDataset(x_train[held], y_train[held], **kw)
-        self.test_set = ArrayDataset(x_test, y_test, **kw)
+        self.val_set = ArrayDataset(x_train[held], y_train[held], augment_spec=self.eval_spec, **kw)
+        self.test_set = ArrayDataset(x_test, y_test, augment_spec=self.eval_spec, **kw)
 
     def fingerprint(self) -> str:
         """sha256 (16 hex) of the training split's images and labels: which data a teacher was trained on.
@@ -206,8 +211,11 @@ class ArrayDataModule(L.LightningDataModule):
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the batches the model sees (after any resizing augmentation)."""
         self.setup()
-        return tuple(self.train_set.images.shape[1:])
+        size = self.augment_spec.get("size")
+        channels, height, width = self.train_set.images.shape[1:]
+        return (channels, int(size), int(size)) if size else (channels, height, width)
 
     def _rank_world(self) -> tuple[int, int]:
         trainer = getattr(self, "trainer", None)
