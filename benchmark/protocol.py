@@ -29,7 +29,8 @@ from .errors import BenchmarkError
 
 OPTIMIZER_KEYS = {"name", "lr", "momentum", "nesterov", "weight_decay", "betas", "eps", "no_decay_bias_norm"}
 SCHEDULE_KEYS = {"name", "interval", "milestones", "gamma", "warmup_epochs", "warmup_lr", "min_lr"}
-AUGMENT_KEYS = {"kind", "pad", "flip", "scale", "ratio"}
+AUGMENT_KEYS = {"kind", "pad", "flip", "scale", "ratio", "crop_pct"}
+TEACHER_SOURCES = ("train", "import")
 
 
 class ProtocolError(BenchmarkError):
@@ -53,10 +54,21 @@ class InputSpec:
 
 @dataclass(frozen=True)
 class TeacherRecipe:
-    epochs: int
-    optimizer: dict[str, Any]
-    schedule: dict[str, Any]
+    """How a protocol's teachers are obtained: trained with this recipe (`source: train`, what
+    `make teachers` does) or only adopted with `teachers import` (`source: import`: ImageNet-pretrained
+    or fine-tuned checkpoints; then epochs/optimizer/schedule are not used)."""
+
+    epochs: int = 0
+    optimizer: dict[str, Any] = field(default_factory=dict)
+    schedule: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
+    source: str = "train"
+
+    def identity(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        if data["source"] == "train":  # the key predates `source`: stored teachers and hashes stay valid
+            del data["source"]
+        return data
 
 
 @dataclass(frozen=True)
@@ -113,10 +125,19 @@ class Protocol:
         """The same protocol with another epoch count (a different hash). Milestones past the end drop."""
         if epochs < 1:
             raise ProtocolError(f"epochs must be ≥ 1, got {epochs}")
-        schedule = dict(self.schedule)
-        if "milestones" in schedule:
-            schedule["milestones"] = [m for m in schedule["milestones"] if m < epochs]
-        return dataclasses.replace(self, epochs=epochs, schedule=schedule)
+        return dataclasses.replace(self, epochs=epochs, schedule=_cut_milestones(self.schedule, epochs))
+
+    def with_teacher_epochs(self, epochs: int) -> Protocol:
+        """The same protocol with a shorter/longer teacher recipe (another teacher key and hash): for smoke
+        runs on generated data, where the full teacher recipe would take hours on a CPU."""
+        if epochs < 1:
+            raise ProtocolError(f"teacher epochs must be ≥ 1, got {epochs}")
+        if self.teacher.source != "train":
+            raise ProtocolError(f"the teachers of {self.name!r} are imported, not trained: no teacher epochs to set")
+        recipe = dataclasses.replace(
+            self.teacher, epochs=epochs, schedule=_cut_milestones(self.teacher.schedule, epochs)
+        )
+        return dataclasses.replace(self, teacher=recipe)
 
     # -- identity ----------------------------------------------------------------------
     def recipe(self, pair: PairSpec | None = None) -> dict[str, Any]:
@@ -124,6 +145,7 @@ class Protocol:
         data = dataclasses.asdict(self)
         for key in ("description", "pairs", "default_pair", "seeds", "methods", "source", "num_workers"):
             data.pop(key)
+        data["teacher"] = self.teacher.identity()
         if pair is not None:
             data["pair"] = {"teacher": pair.teacher, "student": pair.student, "optimizer": pair.optimizer}
         return data
@@ -142,10 +164,17 @@ class Protocol:
                 "augment": self.augment,
                 "batch_size": self.batch_size,
                 "label_smoothing": self.label_smoothing,
-                "teacher": dataclasses.asdict(self.teacher),
+                "teacher": self.teacher.identity(),
                 "arch": arch,
             }
         )
+
+
+def _cut_milestones(schedule: dict[str, Any], epochs: int) -> dict[str, Any]:
+    schedule = dict(schedule)
+    if "milestones" in schedule:
+        schedule["milestones"] = [m for m in schedule["milestones"] if m < epochs]
+    return schedule
 
 
 def content_hash(data: Any) -> str:
@@ -204,7 +233,7 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
 def _build(cls: type, data: Any, where: str):
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    _check_keys(data, set(fields) - {"source"}, where)
+    _check_keys(data, set(fields) - ({"source"} if cls is Protocol else set()), where)  # Protocol.source: the file
     kwargs = {}
     for name, f in fields.items():
         if name in data:
@@ -215,7 +244,10 @@ def _build(cls: type, data: Any, where: str):
 
 
 def _validate(p: Protocol, where: str) -> None:
-    if p.batch_size < 1 or p.epochs < 1 or p.teacher.epochs < 1:
+    if p.teacher.source not in TEACHER_SOURCES:
+        raise ProtocolError(f"{where}: teacher.source must be one of {', '.join(TEACHER_SOURCES)}")
+    trained = p.teacher.source == "train"
+    if p.batch_size < 1 or p.epochs < 1 or (trained and p.teacher.epochs < 1):
         raise ProtocolError(f"{where}: batch_size, epochs and teacher.epochs must be ≥ 1")
     if len(p.input.mean) != p.input.channels or len(p.input.std) != p.input.channels:
         raise ProtocolError(f"{where}: input.mean/std need one value per channel ({p.input.channels})")
@@ -227,7 +259,7 @@ def _validate(p: Protocol, where: str) -> None:
         ("augment", p.augment, AUGMENT_KEYS),
     ):
         _check_keys(spec, allowed, f"{where}: {key}")
-    if "lr" not in p.optimizer or "lr" not in p.teacher.optimizer:
+    if "lr" not in p.optimizer or (trained and "lr" not in p.teacher.optimizer):
         raise ProtocolError(f"{where}: optimizer and teacher.optimizer need an 'lr'")
     if not p.pairs:
         raise ProtocolError(f"{where}: at least one teacher/student pair is required")

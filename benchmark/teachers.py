@@ -92,6 +92,14 @@ def _key_mismatch(expected: dict, found: dict) -> tuple[list[str], list[str]]:
     return sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
 
 
+def _import_hint(protocol: Protocol, arch: str, ckpt: Path) -> str:
+    return (
+        f"no teacher {arch!r} for protocol {protocol.name!r} at {ckpt}: this protocol's teachers are imported, "
+        f"not trained — `python -m distillbench.benchmark teachers import --protocol {protocol.name} --arch {arch} "
+        "--checkpoint FILE_OR_TIMM_TAG [--format mdistiller|state_dict|timm]`"
+    )
+
+
 def load_teacher(
     protocol: Protocol, arch: str, root: str | Path | None = None, *, data_fingerprint: str
 ) -> tuple[torch.nn.Module, dict]:
@@ -145,6 +153,8 @@ def train_teacher(
 
     ckpt, sidecar = teacher_paths(root, protocol, arch)
     recipe = protocol.teacher
+    if recipe.source != "train":
+        raise TeacherError(_import_hint(protocol, arch, ckpt))
     L.seed_everything(recipe.seed, workers=True, verbose=False)
     datamodule = make_datamodule(protocol, seed=recipe.seed, data_root=data_root)
     fingerprint = datamodule.fingerprint()
@@ -209,6 +219,8 @@ def ensure_teacher(
 ) -> tuple[torch.nn.Module, dict]:
     """Load the stored teacher, training it first (and saying so) when none is stored."""
     ckpt, sidecar = teacher_paths(root, protocol, arch)
+    if not ckpt.exists() and not sidecar.exists() and protocol.teacher.source != "train":
+        raise TeacherError(_import_hint(protocol, arch, ckpt))
     if not ckpt.exists() and not sidecar.exists():
         if os.environ.get("LOCAL_RANK", "0") != "0":
             raise TeacherError(f"teacher {arch!r} missing on a DDP worker; run `make teachers` first")
