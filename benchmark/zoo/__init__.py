@@ -14,7 +14,7 @@ import timm
 from torch import nn
 
 from ..errors import BenchmarkError
-from . import cifar_resnet, wrn
+from . import cifar_resnet, cifar_resnet50, mobilenet, shufflenet, vgg, wrn
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
 
@@ -23,7 +23,7 @@ def register_model(name: str, factory: Callable[..., nn.Module]) -> None:
     _MODELS[name] = factory
 
 
-for _family in (cifar_resnet, wrn):
+for _family in (cifar_resnet, cifar_resnet50, wrn, vgg, mobilenet, shufflenet):
     _family.register_all(register_model)
 
 

@@ -19,9 +19,17 @@ class StagedNet(nn.Module):
     final: nn.Module
     fc: nn.Module
 
-    def _finish_init(self, stem_chs: int, stage_chs: list[int], reductions: list[int], num_classes: int) -> None:
+    def _finish_init(
+        self,
+        stem_chs: int,
+        stage_chs: list[int],
+        reductions: list[int],
+        num_classes: int,
+        num_features: int | None = None,
+    ) -> None:
+        """`num_features` is the width after `final` (the last stage's width unless `final` changes it)."""
         self.num_classes = num_classes
-        self.num_features = stage_chs[-1]
+        self.num_features = num_features or stage_chs[-1]
         self.feature_info = [dict(num_chs=stem_chs, reduction=reductions[0], module="stem")] + [
             dict(num_chs=c, reduction=r, module=f"stages.{i}")
             for i, (c, r) in enumerate(zip(stage_chs, reductions[1:], strict=True))
@@ -76,11 +84,20 @@ class StagedNet(nn.Module):
         self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
 
-def init_conv_bn(module: nn.Module) -> None:
-    """Kaiming-normal (fan_out, relu) convolutions, unit BN scale, zero bias — RepDistiller's init."""
+def init_conv_bn(module: nn.Module, linear_std: float | None = None) -> None:
+    """Kaiming-normal (fan_out, relu) convolutions, unit BN scale, zero bias — RepDistiller's init.
+
+    With `linear_std`, linear layers get N(0, linear_std²) weights and zero bias (RepDistiller's VGG and
+    MobileNetV2 use 0.01); conv biases, where present, start at zero.
+    """
     for m in module.modules():
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
         elif isinstance(m, nn.BatchNorm2d | nn.GroupNorm):
             nn.init.constant_(m.weight, 1)
             nn.init.constant_(m.bias, 0)
+        elif isinstance(m, nn.Linear) and linear_std is not None:
+            nn.init.normal_(m.weight, 0, linear_std)
+            nn.init.zeros_(m.bias)
