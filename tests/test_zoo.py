@@ -7,7 +7,14 @@ import itertools
 import pytest
 import torch
 from distillbench.benchmark.cost import count_flops
-from distillbench.benchmark.zoo import UnknownModelError, create_model, is_model, list_models
+from distillbench.benchmark.zoo import (
+    StateDictMismatchError,
+    UnknownModelError,
+    adopt_state_dict,
+    create_model,
+    is_model,
+    list_models,
+)
 from distillbench.benchmark.zoo.shufflenet import channel_shuffle
 from torch import nn
 
@@ -176,3 +183,37 @@ def test_unknown_model_suggests_names():
         create_model("resnet9x4")
     with pytest.raises(UnknownModelError, match=r"shufflenet_v2"):
         create_model("shufflenet_v3")
+
+
+def _bn(prefix: str) -> list[str]:
+    return [f"{prefix}.{k}" for k in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")]
+
+
+def _repdistiller_resnet8x4_keys() -> list[str]:
+    """Key names of RepDistiller's `resnet8x4` (models/resnet.py: conv1, bn1, layer1-3 of one BasicBlock
+    each, every one with a 1×1 downsample since the widths go 32 → 64 → 128 → 256, then fc)."""
+    keys = ["conv1.weight", *_bn("bn1")]
+    for layer in (1, 2, 3):
+        b = f"layer{layer}.0"
+        keys += [f"{b}.conv1.weight", *_bn(f"{b}.bn1"), f"{b}.conv2.weight", *_bn(f"{b}.bn2")]
+        keys += [f"{b}.downsample.0.weight", *_bn(f"{b}.downsample.1")]
+    return [*keys, "fc.weight", "fc.bias"]
+
+
+def test_adopt_reference_state_dict():
+    torch.manual_seed(0)
+    source = create_model("resnet8x4", num_classes=100).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        for p in source.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    ref_keys = _repdistiller_resnet8x4_keys()
+    foreign = {f"module.{k}": v for k, v in zip(ref_keys, source.state_dict().values(), strict=True)}
+    target = create_model("resnet8x4", num_classes=100).eval()
+    target.load_state_dict(adopt_state_dict(target, foreign, "resnet8x4"))
+    torch.testing.assert_close(target(x), source(x))
+
+    with pytest.raises(StateDictMismatchError, match="24 tensors, resnet20 has"):
+        adopt_state_dict(create_model("resnet20", num_classes=100), dict(list(foreign.items())[:24]), "resnet20")
+    with pytest.raises(StateDictMismatchError, match=r"'fc.weight' \(100, 256\) does not fit resnet8x4's 'fc.weight'"):
+        adopt_state_dict(create_model("resnet8x4", num_classes=10), foreign, "resnet8x4")

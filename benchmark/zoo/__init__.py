@@ -15,6 +15,17 @@ from torch import nn
 
 from ..errors import BenchmarkError
 from . import cifar_resnet, cifar_resnet50, mobilenet, shufflenet, vgg, wrn
+from .convert import StateDictMismatchError, adopt_state_dict
+
+__all__ = [
+    "StateDictMismatchError",
+    "UnknownModelError",
+    "adopt_state_dict",
+    "create_model",
+    "is_model",
+    "list_models",
+    "register_model",
+]
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
 
