@@ -86,10 +86,24 @@ def test_depth_space_contains_resnet20():
     sa, sb = a.state_dict(), b.state_dict()
     assert list(sa) == list(sb)
     assert all(sa[k].shape == sb[k].shape for k in sa)
-    depth = [n for n in list_models() if n.startswith("resnet_depth_")]
-    assert len(depth) == 64 and is_model("resnet_depth_157") and not is_model("resnet_depth_222")
-    blocks = [len(s) for s in create_model("resnet_depth_157", num_classes=10).stages]
-    assert blocks == [1, 5, 7]
+
+
+def test_diswot_search_spaces():
+    # S1 = {1,3,5,7}^3 (64) and the small space {1,2,3}^3 at widths 1.0 and 0.5 (54), overlapping in
+    # {1,3}^3 (8): 64 + 27 - 8 + 27 names (../shared/methods/diswot.md §2)
+    names = [n for n in list_models() if n.startswith("resnet_depth_")]
+    assert len(names) == 64 + 27 - 8 + 27
+    assert is_model("resnet_depth_157") and is_model("resnet_depth_222_w50")
+    assert not is_model("resnet_depth_227") and not is_model("resnet_depth_555_w50")
+    for name, blocks, widths in [
+        ("resnet_depth_157", [1, 5, 7], [16, 32, 64]),
+        ("resnet_depth_213_w50", [2, 1, 3], [8, 16, 64]),
+    ]:
+        model = create_model(name, num_classes=10)
+        assert [len(s) for s in model.stages] == blocks
+        assert [i["num_chs"] for i in model.feature_info[1:]] == widths and model.num_features == 64
+        convs = [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3)]
+        assert len(convs) + 1 == 2 * sum(blocks) + 2  # depth: 3×3 convs + the classifier
 
 
 # (name, in_chans, input size): one or two per family; 28 px checks odd maps on the residual nets

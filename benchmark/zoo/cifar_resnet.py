@@ -2,11 +2,16 @@
 3×3 stem, three stages of BasicBlocks at strides 1, 2, 2, 1×1-conv+BN projection shortcuts.
 
 Names: resnet{8,14,20,32,44,56,110} (widths 16/16/32/64), resnet8x4 and resnet32x4 (32/64/128/256),
-and DisWOT's depth space resnet_depth_XYZ (X, Y, Z BasicBlocks per stage, widths 16/32/64;
-resnet_depth_333 is resnet20).
+and DisWOT's search spaces (../shared/methods/diswot.md §2): resnet_depth_XYZ with X, Y, Z BasicBlocks
+per stage and widths 16/16/32/64, for X, Y, Z ∈ {1, 3, 5, 7} (the paper's S1; resnet_depth_333 is
+resnet20) or X, Y, Z ∈ {1, 2, 3} (distillbench's small space), and for the latter also
+resnet_depth_XYZ_w50, at half width in the stem and first two stages (8/8/16/64), so every candidate
+ends in 64 channels.
 """
 
 from __future__ import annotations
+
+from itertools import product
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -60,7 +65,8 @@ def register_all(register) -> None:
         register(f"resnet{depth}", lambda d=depth, **kw: CifarResNet(_depth_to_blocks(d), (16, 16, 32, 64), **kw))
     register("resnet8x4", lambda **kw: CifarResNet(_depth_to_blocks(8), (32, 64, 128, 256), **kw))
     register("resnet32x4", lambda **kw: CifarResNet(_depth_to_blocks(32), (32, 64, 128, 256), **kw))
-    for x in (1, 3, 5, 7):
-        for y in (1, 3, 5, 7):
-            for z in (1, 3, 5, 7):
-                register(f"resnet_depth_{x}{y}{z}", lambda b=(x, y, z), **kw: CifarResNet(b, (16, 16, 32, 64), **kw))
+    for blocks in sorted(set(product((1, 3, 5, 7), repeat=3)) | set(product((1, 2, 3), repeat=3))):
+        name = "resnet_depth_" + "".join(map(str, blocks))
+        register(name, lambda b=blocks, **kw: CifarResNet(b, (16, 16, 32, 64), **kw))
+        if max(blocks) <= 3:
+            register(f"{name}_w50", lambda b=blocks, **kw: CifarResNet(b, (8, 8, 16, 64), **kw))
