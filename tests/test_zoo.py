@@ -231,3 +231,11 @@ def test_adopt_reference_state_dict():
         adopt_state_dict(create_model("resnet20", num_classes=100), dict(list(foreign.items())[:24]), "resnet20")
     with pytest.raises(StateDictMismatchError, match=r"'fc.weight' \(100, 256\) does not fit resnet8x4's 'fc.weight'"):
         adopt_state_dict(create_model("resnet8x4", num_classes=10), foreign, "resnet8x4")
+
+
+def test_every_protocol_pair_resolves():
+    from distillbench.benchmark.protocol import list_protocols, load_protocol
+
+    for name in list_protocols():
+        for pair in load_protocol(name).pairs:
+            assert is_model(pair.teacher) and is_model(pair.student), f"{name}: {pair.name}"
