@@ -11,9 +11,12 @@ PROTOCOL  ?= digits
 PAIR      ?=
 SEEDS     ?= 0
 DEVICES   ?= 1
+NUM_NODES ?= 1
 ACCELERATOR ?= auto
 PRECISION ?= 32-true
 EPOCHS    ?=
+TEACHER_EPOCHS ?=
+DATA_ROOT ?=
 RESULTS   ?= results
 FORCE     ?=
 SET       ?=
@@ -21,10 +24,12 @@ VARIANT   ?=
 PYTEST_ARGS ?=
 
 export DISTILLBENCH_TEACHERS ?= $(CURDIR)/teachers
+export DATA_ROOT
 
-RUN_ARGS = --method $(METHOD) --protocol $(PROTOCOL) --seeds $(SEEDS) --devices $(DEVICES) \
+RUN_ARGS = --method $(METHOD) --protocol $(PROTOCOL) --seeds $(SEEDS) --devices $(DEVICES) --num-nodes $(NUM_NODES) \
 	--accelerator $(ACCELERATOR) --precision $(PRECISION) --results $(RESULTS) \
 	$(if $(PAIR),--pair $(PAIR)) $(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(FORCE),--force) \
+	$(if $(TEACHER_EPOCHS),--teacher-epochs $(TEACHER_EPOCHS)) \
 	$(if $(VARIANT),--variant $(VARIANT)) $(foreach s,$(SET),--set $(s))
 
 .PHONY: install bench teachers test lint list clean-venv
@@ -42,7 +47,7 @@ bench: $(STAMP)
 
 teachers: $(STAMP)
 	$(PY) -m distillbench.benchmark teachers --protocol $(PROTOCOL) --accelerator $(ACCELERATOR) \
-		--devices $(DEVICES) $(if $(FORCE),--force)
+		--devices $(DEVICES) --num-nodes $(NUM_NODES) $(if $(FORCE),--force) $(if $(TEACHER_EPOCHS),--teacher-epochs $(TEACHER_EPOCHS))
 
 list: $(STAMP)
 	$(PY) -m distillbench.benchmark list methods

@@ -1,7 +1,8 @@
 """`python -m distillbench.benchmark` — run benchmarks, train teachers, list what exists.
 
     run       --method kd [--protocol digits] [--pair T__S] [--seeds 0,1,2] [--devices N] ...
-    teachers  --protocol fmnist [--arch resnet20] [--force]
+    teachers  --protocol fmnist [--arch resnet20] [--force] [--teacher-epochs N]
+    teachers import --protocol cifar100 --arch resnet32x4 --checkpoint FILE|TIMM_TAG [--format auto|mdistiller|...]
     list      [methods|protocols|pairs|models|datasets] [--protocol P]
 
 Errors the user can fix print one message and exit with status 2; a run stopped by a non-finite
@@ -65,10 +66,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--protocol", default="digits", help="a protocol name or a path to a protocol YAML")
     run.add_argument("--pair", default=None, help="<teacher>__<student> (default: the protocol's default pair)")
     run.add_argument("--seeds", default="0")
-    run.add_argument("--devices", type=int, default=1)
+    run.add_argument("--devices", type=int, default=1, help="devices per node")
+    run.add_argument("--num-nodes", type=int, default=1, help="nodes (torchrun --nnodes / SLURM --nodes)")
     run.add_argument("--accelerator", default="auto")
     run.add_argument("--precision", default="32-true")
     run.add_argument("--epochs", type=int, default=None, help="override the protocol's epochs (changes its hash)")
+    run.add_argument(
+        "--teacher-epochs", type=int, default=None, help="override the teacher recipe's epochs (smoke runs; own key)"
+    )
     run.add_argument("--results", default="results")
     run.add_argument("--teachers", default=None, help="teacher store (default $DISTILLBENCH_TEACHERS or ./teachers)")
     run.add_argument("--data-root", default=None, help="dataset root (default $DATA_ROOT)")
@@ -79,12 +84,19 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-progress", action="store_true")
     run.add_argument("--no-overhead", action="store_true", help="skip the overhead-ratio measurement")
 
-    teachers = sub.add_parser("teachers", help="train and store the teachers of a protocol")
+    teachers = sub.add_parser("teachers", help="train (default) or import and store the teachers of a protocol")
+    teachers.add_argument("action", nargs="?", default="train", choices=["train", "import"])
     teachers.add_argument("--protocol", required=True)
+    teachers.add_argument(
+        "--checkpoint", default=None, help="import: a checkpoint file, or a timm tag with --format timm"
+    )
+    teachers.add_argument("--format", default="auto", help="import: auto | mdistiller | state_dict | timm")
+    teachers.add_argument("--teacher-epochs", type=int, default=None, help="train: override the recipe's epochs")
     teachers.add_argument("--arch", action="append", default=None, help="only these teacher architectures")
     teachers.add_argument("--teachers", default=None)
     teachers.add_argument("--accelerator", default="auto")
-    teachers.add_argument("--devices", type=int, default=1)
+    teachers.add_argument("--devices", type=int, default=1, help="devices per node")
+    teachers.add_argument("--num-nodes", type=int, default=1)
     teachers.add_argument("--data-root", default=None)
     teachers.add_argument("--force", action="store_true", help="retrain even if stored")
     teachers.add_argument("--no-progress", action="store_true")
@@ -107,9 +119,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         pair=args.pair,
         seed=seeds[0],
         devices=args.devices,
+        num_nodes=args.num_nodes,
         accelerator=args.accelerator,
         precision=args.precision,
         epochs=args.epochs,
+        teacher_epochs=args.teacher_epochs,
         results=args.results,
         teachers=args.teachers,
         data_root=args.data_root,
@@ -202,6 +216,10 @@ def cmd_teachers(args: argparse.Namespace) -> int:
     from .teachers import load_teacher, teacher_paths, train_teacher
 
     protocol = load_protocol(args.protocol)
+    if args.action == "import":
+        return _cmd_teachers_import(args, protocol)
+    if args.teacher_epochs:
+        protocol = protocol.with_teacher_epochs(args.teacher_epochs)
     fingerprint = make_datamodule(protocol, seed=0, data_root=args.data_root).fingerprint()
     archs = args.arch or sorted({p.teacher for p in protocol.pairs})
     table = Table(title=f"teachers of {protocol.name}")
@@ -220,6 +238,7 @@ def cmd_teachers(args: argparse.Namespace) -> int:
                 root=args.teachers,
                 accelerator=args.accelerator,
                 devices=args.devices,
+                num_nodes=args.num_nodes,
                 progress=not args.no_progress and sys.stderr.isatty(),
                 data_root=args.data_root,
             )
@@ -230,6 +249,28 @@ def cmd_teachers(args: argparse.Namespace) -> int:
         table.add_row(arch, action, _fmt(info.get("top1")), info["sha256"][:12], str(ckpt))
     if os.environ.get("LOCAL_RANK", "0") == "0":
         Console().print(table)
+    return 0
+
+
+def _cmd_teachers_import(args: argparse.Namespace, protocol) -> int:
+    from .teacher_import import import_teacher
+
+    if not args.checkpoint or not args.arch or len(args.arch) != 1:
+        raise BenchmarkError("teachers import needs exactly one --arch and a --checkpoint (a file, or a timm tag)")
+    info = import_teacher(
+        protocol,
+        args.arch[0],
+        args.checkpoint,
+        fmt=args.format,
+        root=args.teachers,
+        data_root=args.data_root,
+        accelerator=args.accelerator,
+        force=args.force,
+    )
+    console.print(
+        f"[bold]distillbench[/]: imported {info['arch']} for {protocol.name}: measured test top-1 {info['top1']:.2f} "
+        f"(top-5 {info['top5']:.2f}, {info['test_images']} images), sha256 {info['sha256'][:12]}…"
+    )
     return 0
 
 

@@ -48,9 +48,11 @@ class RunRequest:
     pair: str | None = None
     seed: int = 0
     devices: int = 1
+    num_nodes: int = 1  # multi-node: must match torchrun --nnodes / SLURM --nodes
     accelerator: str = "auto"
     precision: str = "32-true"
     epochs: int | None = None
+    teacher_epochs: int | None = None
     results: str = "results"
     teachers: str | None = None
     data_root: str | None = None
@@ -109,6 +111,9 @@ def resolve(request: RunRequest) -> ResolvedRun:
     if request.epochs and request.epochs != protocol.epochs:
         protocol = protocol.with_epochs(request.epochs)
         changes["epochs"] = request.epochs
+    if request.teacher_epochs:
+        protocol = protocol.with_teacher_epochs(request.teacher_epochs)
+        changes["teacher_epochs"] = request.teacher_epochs
     pair = protocol.pair(request.pair)
     hparams = spec.resolve_hparams(
         protocol.methods.get(request.method), pair.methods.get(request.method), request.hparams
@@ -119,10 +124,12 @@ def resolve(request: RunRequest) -> ResolvedRun:
     )
     if request.devices < 1:
         raise BenchmarkError(f"DEVICES must be ≥ 1, got {request.devices}")
-    if protocol.batch_size % request.devices:
+    if request.num_nodes < 1:
+        raise BenchmarkError(f"NUM_NODES must be ≥ 1, got {request.num_nodes}")
+    if protocol.batch_size % (request.devices * request.num_nodes):
         raise BenchmarkError(
             f"the global batch {protocol.batch_size} of protocol {protocol.name!r} is not divisible by "
-            f"{request.devices} devices; choose DEVICES dividing {protocol.batch_size}"
+            f"{request.devices * request.num_nodes} devices; choose DEVICES × NUM_NODES dividing {protocol.batch_size}"
         )
     available = available_devices(request.accelerator)
     if request.devices > available:
@@ -138,7 +145,8 @@ def resolve(request: RunRequest) -> ResolvedRun:
 def run(request: RunRequest, say=print) -> dict[str, Any]:
     """Run one seed and return its record (also written to disk on rank 0)."""
     r = resolve(request)
-    is_worker = os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("NODE_RANK", "0") != "0"
+    # torchrun sets RANK/LOCAL_RANK, Lightning's own launcher LOCAL_RANK/NODE_RANK, srun SLURM_PROCID
+    is_worker = any(os.environ.get(v, "0") != "0" for v in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))
     if not is_worker:
         check_writable(r.path, request.force)
         set_aside(r.path)  # a failed, interrupted or forced-over run is kept beside the new one
@@ -183,6 +191,7 @@ def run(request: RunRequest, say=print) -> dict[str, Any]:
         r.run_dir,
         accelerator=request.accelerator,
         devices=request.devices,
+        num_nodes=request.num_nodes,
         precision=request.precision,
         epochs=protocol.epochs,
         loggers=loggers,
@@ -298,7 +307,7 @@ def _new_record(r: ResolvedRun, run_id: str, teacher_info: dict | None, student)
         "val_selected_metrics": {},
         "history": [],
         "epochs": protocol.epochs,
-        "world_size": request.devices,
+        "world_size": request.devices * request.num_nodes,
         "precision": request.precision,
         "optimizer": protocol.optimizer_for(pair),
         "schedule": protocol.schedule,

@@ -144,6 +144,7 @@ def train_teacher(
     root: str | Path | None = None,
     accelerator: str = "auto",
     devices: int = 1,
+    num_nodes: int = 1,
     progress: bool = True,
     data_root: str | None = None,
 ) -> dict[str, Any]:
@@ -169,7 +170,13 @@ def train_teacher(
     )
     log_dir = ckpt.parent / f"{arch}.logs"
     trainer, history, _ = build_trainer(
-        log_dir, accelerator=accelerator, devices=devices, epochs=recipe.epochs, progress=progress, checkpoint=False
+        log_dir,
+        accelerator=accelerator,
+        devices=devices,
+        num_nodes=num_nodes,
+        epochs=recipe.epochs,
+        progress=progress,
+        checkpoint=False,
     )
     start = time.perf_counter()
     trainer.fit(module, datamodule)
@@ -222,7 +229,7 @@ def ensure_teacher(
     if not ckpt.exists() and not sidecar.exists() and protocol.teacher.source != "train":
         raise TeacherError(_import_hint(protocol, arch, ckpt))
     if not ckpt.exists() and not sidecar.exists():
-        if os.environ.get("LOCAL_RANK", "0") != "0":
+        if any(os.environ.get(v, "0") != "0" for v in ("RANK", "LOCAL_RANK", "SLURM_PROCID")):
             raise TeacherError(f"teacher {arch!r} missing on a DDP worker; run `make teachers` first")
         say(
             f"teacher {arch!r} for protocol {protocol.name!r} is not stored yet: training it first "

@@ -79,6 +79,7 @@ def build_trainer(
     *,
     accelerator: str = "auto",
     devices: int = 1,
+    num_nodes: int = 1,
     precision: str = "32-true",
     epochs: int,
     loggers: list[Logger] | None = None,
@@ -99,7 +100,8 @@ def build_trainer(
     trainer = L.Trainer(
         accelerator=accelerator,
         devices=devices,
-        strategy="ddp" if devices > 1 else "auto",
+        num_nodes=num_nodes,
+        strategy="ddp" if devices * num_nodes > 1 else "auto",
         precision=precision,
         max_epochs=epochs,
         logger=loggers if loggers is not None else [CSVLogger(str(run_dir), name="", version="csv")],

@@ -126,3 +126,12 @@ def test_imported_teachers_are_never_trained(tmp_path):
         ensure_teacher(p, "resnet34", data_fingerprint="x", root=tmp_path)
     with pytest.raises(TeacherError, match="teachers are imported"):
         train_teacher(p, "resnet34", root=tmp_path)
+
+
+def test_global_batch_must_divide_over_all_nodes():
+    from distillbench.benchmark.errors import BenchmarkError
+    from distillbench.benchmark.runner import RunRequest, resolve
+
+    with pytest.raises(BenchmarkError, match=r"not divisible by 3 devices; choose DEVICES × NUM_NODES"):
+        resolve(RunRequest(method="kd", protocol="digits", num_nodes=3))
+    assert resolve(RunRequest(method="kd", protocol="digits", num_nodes=2)).protocol.batch_size == 64
