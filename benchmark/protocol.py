@@ -42,6 +42,7 @@ class DatasetSpec:
     name: str
     val_size: float = 0.1  # a fraction of train, or a count when ≥ 1
     split_seed: int = 0
+    options: dict[str, Any] = field(default_factory=dict)  # extra keyword arguments of the datamodule
 
 
 @dataclass(frozen=True)
@@ -143,6 +144,7 @@ class Protocol:
     def recipe(self, pair: PairSpec | None = None) -> dict[str, Any]:
         """What determines a run's number apart from method hyper-parameters."""
         data = dataclasses.asdict(self)
+        data["dataset"] = self._dataset_identity()
         for key in ("description", "pairs", "default_pair", "seeds", "methods", "source", "num_workers"):
             data.pop(key)
         data["teacher"] = self.teacher.identity()
@@ -153,13 +155,20 @@ class Protocol:
     def hash(self, pair: PairSpec | None = None) -> str:
         return content_hash(self.recipe(pair))
 
+    def _dataset_identity(self) -> dict[str, Any]:
+        """The dataset spec as hashed; empty `options` are left out so older hashes stay valid."""
+        data = dataclasses.asdict(self.dataset)
+        if not data["options"]:
+            data.pop("options")
+        return data
+
     def teacher_key(self, arch: str, data_fingerprint: str) -> str:
         """Identity of a teacher trained under this protocol: the training data's fingerprint, splits,
         input, augmentation, teacher recipe and architecture — not the student's recipe."""
         return content_hash(
             {
                 "data": data_fingerprint,
-                "dataset": dataclasses.asdict(self.dataset),
+                "dataset": self._dataset_identity(),
                 "input": dataclasses.asdict(self.input),
                 "augment": self.augment,
                 "batch_size": self.batch_size,

@@ -94,6 +94,7 @@ def make_datamodule(protocol: Protocol, *, seed: int, data_root: str | None = No
         num_workers=protocol.num_workers,
         root=data_root or os.environ.get("DATA_ROOT"),
         image_size=protocol.input.size,
+        **protocol.dataset.options,
     )
 
 

@@ -11,6 +11,7 @@ from .digits import DigitsDataModule
 from .errors import CorruptDatasetError, DatasetError, DatasetNotFoundError, UnknownDatasetError
 from .fmnist import FashionMNISTDataModule
 from .imagenet import ImageNetDataModule
+from .webproxy import WebProxyDataModule
 
 DATAMODULES: dict[str, type] = {
     "digits": DigitsDataModule,
@@ -18,6 +19,7 @@ DATAMODULES: dict[str, type] = {
     "cifar10": CIFAR10DataModule,
     "cifar100": CIFAR100DataModule,
     "imagenet": ImageNetDataModule,
+    "webproxy": WebProxyDataModule,
 }
 
 
