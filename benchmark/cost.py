@@ -75,7 +75,8 @@ def overhead_ratio(module, batch: Mapping[str, Tensor], steps: int = 8, rounds: 
 
     def vanilla_step() -> None:
         opt.zero_grad(set_to_none=True)
-        F.cross_entropy(student(batch["image"]), batch["label"]).backward()
+        # unlabelled (web-pool) batches carry label −1: any class times the same step
+        F.cross_entropy(student(batch["image"]), batch["label"].clamp_min(0)).backward()
         opt.step()
 
     was_training = module.training

@@ -355,7 +355,10 @@ def _finish_record(
         chosen = max(history.history, key=lambda row: row.get("val/top1", -1))
         record["val_selected_metrics"] = {"epoch": chosen["epoch"], **_split_metrics(chosen, "test")}
     if record["status"] == "finished":
-        record["student"]["flops"] = cost.count_flops(student, input_shape)
+        deployed = module.deployed_model() if module is not None else student
+        if deployed is not student:  # e.g. KD³'s student runs through a projector and the teacher's classifier
+            record["student"].update(params=cost.count_params(deployed), deployed=type(deployed).__name__)
+        record["student"]["flops"] = cost.count_flops(deployed, input_shape)
         if module is not None and module.is_reference_student:
             record["overhead_vs_student"] = 1.0
         elif request.measure_overhead and module is not None:

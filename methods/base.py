@@ -105,6 +105,8 @@ class DistillModule(L.LightningModule):
     needs_teacher: ClassVar[bool] = True
     #: the student trained alone: the denominator of every overhead ratio (1 by definition)
     is_reference_student: ClassVar[bool] = False
+    #: "labelled": the protocol's training split; "pool": an unlabelled web pool (datasets/webproxy.py)
+    train_data: ClassVar[str] = "labelled"
 
     def __init__(
         self,
@@ -155,6 +157,10 @@ class DistillModule(L.LightningModule):
         """Unweighted terms and other per-step quantities, logged under `diag/`."""
         for key, value in values.items():
             self.log(f"diag/{key}", value, on_step=False, on_epoch=True, batch_size=self._batch_size)
+
+    def deployed_model(self) -> nn.Module:
+        """What is deployed after distillation (its params/FLOPs go in the record): the student by default."""
+        return self.student
 
     def adapter_parameters(self) -> list[nn.Parameter]:
         student_ids = {id(p) for p in self.student.parameters()}
@@ -224,6 +230,14 @@ class DistillModule(L.LightningModule):
             finished_epoch=self.current_epoch,
             global_step=self.global_step,
         )
+
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if self.train_data == "pool" and datamodule is not None and not hasattr(datamodule, "pool_loader"):
+            raise MethodError(
+                f"method {self.method_name!r} trains on an unlabelled web pool, which dataset "
+                f"{getattr(datamodule, 'name', '?')!r} does not have; use PROTOCOL=webproxy or webproxy-digits"
+            )
 
     def on_train_epoch_start(self) -> None:
         if self.teacher is not None:
