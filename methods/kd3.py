@@ -287,6 +287,11 @@ class KD3(DistillModule):
             return z
         return self.all_gather(z, sync_grads=True).flatten(0, 1)
 
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        if self.hp.selection:  # selection runs whenever the train loader is built: rebuild it every epoch
+            self.trainer.reload_dataloaders_every_n_epochs = 1
+
     # -- dynamic instance selection (called by the datamodule each time it builds the train loader) --
     @torch.no_grad()
     def select_pool_indices(self, datamodule) -> Tensor | None:
@@ -305,7 +310,10 @@ class KD3(DistillModule):
         self._kept = kept.cpu()
         self._selection_stats = self._describe(kept.cpu(), labels[local].cpu(), datamodule, len(index))
         self._selection_stats.update(
-            alpha=alpha, fallback=float(strict < datamodule.global_batch), time_s=time.perf_counter() - start
+            epoch=epoch,
+            alpha=alpha,
+            fallback=float(strict < datamodule.global_batch),
+            time_s=time.perf_counter() - start,
         )
         return self._kept
 

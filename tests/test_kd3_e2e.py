@@ -59,6 +59,7 @@ def test_kd3_run_record_selection_history_and_deployed_student(web_setup, tmp_pa
     for key in ("select/precision", "select/recall", "select/kept", "select/alpha", "select/base_rate", "train/feat"):
         assert key in last, key
     assert last["select/base_rate"] == pytest.approx(0.6) and 64 <= last["select/kept"] <= 750
+    assert [row["select/epoch"] for row in on_disk["history"]] == [1, 2]  # a fresh selection every epoch
     assert [row["select/alpha"] for row in on_disk["history"]] == [selection_alpha(1, 2), selection_alpha(2, 2)]
     assert on_disk["student"]["deployed"] == "KD3Deployed"
     # projector 64→32→32→64: 1×1 (2,048) + BN (64) + 3×3 (9,216) + BN (64) + 1×1 (2,048) + BN (128) = 13,568
