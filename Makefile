@@ -22,6 +22,10 @@ FORCE     ?=
 SET       ?=
 VARIANT   ?=
 PYTEST_ARGS ?=
+TEACHER_CACHE ?=
+AUGMENT   ?=
+CROPS     ?=
+LIMIT     ?=
 
 export DISTILLBENCH_TEACHERS ?= $(CURDIR)/teachers
 export DATA_ROOT
@@ -30,9 +34,11 @@ RUN_ARGS = --method $(METHOD) --protocol $(PROTOCOL) --seeds $(SEEDS) --devices 
 	--accelerator $(ACCELERATOR) --precision $(PRECISION) --results $(RESULTS) \
 	$(if $(PAIR),--pair $(PAIR)) $(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(FORCE),--force) \
 	$(if $(TEACHER_EPOCHS),--teacher-epochs $(TEACHER_EPOCHS)) \
-	$(if $(VARIANT),--variant $(VARIANT)) $(foreach s,$(SET),--set $(s))
+	$(if $(VARIANT),--variant $(VARIANT)) $(foreach s,$(SET),--set $(s)) \
+	$(if $(TEACHER_CACHE),--teacher-cache $(TEACHER_CACHE)) $(if $(AUGMENT),--augment $(AUGMENT)) \
+	$(if $(CROPS),--crops $(CROPS))
 
-.PHONY: install bench teachers test lint list clean-venv
+.PHONY: install bench teachers softlabels test lint list clean-venv
 
 install: $(STAMP)
 
@@ -48,6 +54,10 @@ bench: $(STAMP)
 teachers: $(STAMP)
 	$(PY) -m distillbench.benchmark teachers --protocol $(PROTOCOL) --accelerator $(ACCELERATOR) \
 		--devices $(DEVICES) --num-nodes $(NUM_NODES) $(if $(FORCE),--force) $(if $(TEACHER_EPOCHS),--teacher-epochs $(TEACHER_EPOCHS))
+
+softlabels: $(STAMP)
+	$(PY) -m distillbench.benchmark softlabels --protocol $(PROTOCOL) --accelerator $(ACCELERATOR) \
+		$(if $(PAIR),--pair $(PAIR)) $(if $(CROPS),--crops $(CROPS)) $(if $(LIMIT),--limit $(LIMIT))
 
 list: $(STAMP)
 	$(PY) -m distillbench.benchmark list methods

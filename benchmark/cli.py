@@ -3,6 +3,7 @@
     run       --method kd [--protocol digits] [--pair T__S] [--seeds 0,1,2] [--devices N] ...
     teachers  --protocol fmnist [--arch resnet20] [--force] [--teacher-epochs N]
     teachers import --protocol cifar100 --arch resnet32x4 --checkpoint FILE|TIMM_TAG [--format auto|mdistiller|...]
+    softlabels --protocol fmnist [--pair T__S] [--crops N] [--limit M]
     list      [methods|protocols|pairs|models|datasets] [--protocol P]
 
 Errors the user can fix print one message and exit with status 2; a run stopped by a non-finite
@@ -83,6 +84,24 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-wandb", action="store_true")
     run.add_argument("--no-progress", action="store_true")
     run.add_argument("--no-overhead", action="store_true", help="skip the overhead-ratio measurement")
+    run.add_argument(
+        "--teacher-cache",
+        default=None,
+        help="1: train with teacher targets from the soft-label store (made if missing); or a store path",
+    )
+    run.add_argument("--augment", default=None, help="'store': the soft-label store's RandomResizedCrop, live")
+    run.add_argument("--crops", type=int, default=None, help="crops per image of the soft-label store")
+
+    soft = sub.add_parser("softlabels", help="generate (or resume) the FKD soft-label store of a protocol pair")
+    soft.add_argument("--protocol", default="digits")
+    soft.add_argument("--pair", default=None)
+    soft.add_argument("--crops", type=int, default=None, help="crops per image (default: the protocol's)")
+    soft.add_argument("--limit", type=int, default=None, help="only the first N training images (a partial store)")
+    soft.add_argument("--out", default=None, help="store folder (default: beside the teacher, named by its key)")
+    soft.add_argument("--teachers", default=None)
+    soft.add_argument("--accelerator", default="auto")
+    soft.add_argument("--data-root", default=None)
+    soft.add_argument("--no-progress", action="store_true")
 
     teachers = sub.add_parser("teachers", help="train (default) or import and store the teachers of a protocol")
     teachers.add_argument("action", nargs="?", default="train", choices=["train", "import"])
@@ -133,6 +152,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         wandb=not args.no_wandb,
         progress=not args.no_progress and sys.stderr.isatty(),
         measure_overhead=not args.no_overhead,
+        teacher_cache=None if str(args.teacher_cache or "").lower() in ("", "0", "false", "no") else args.teacher_cache,
+        augment=args.augment or None,
+        crops=args.crops,
     )
     resolve(base)  # fail fast, before any seed runs
     records = []
@@ -274,6 +296,54 @@ def _cmd_teachers_import(args: argparse.Namespace, protocol) -> int:
     return 0
 
 
+def cmd_softlabels(args: argparse.Namespace) -> int:
+    import time
+
+    from .protocol import load_protocol
+    from .runner import make_datamodule
+    from .soft_labels import ensure_store
+    from .teachers import ensure_teacher, teacher_paths
+    from .trainer import resolve_accelerator
+
+    protocol = load_protocol(args.protocol).with_store_augment(args.crops)
+    pair = protocol.pair(args.pair)
+    datamodule = make_datamodule(protocol, seed=0, data_root=args.data_root)
+    datamodule.setup()
+    progress = not args.no_progress and sys.stderr.isatty()
+    say = lambda msg: console.print(f"[bold]distillbench[/]: {msg}")  # noqa: E731
+    model, info = ensure_teacher(
+        protocol,
+        pair.teacher,
+        data_fingerprint=datamodule.fingerprint(),
+        root=args.teachers,
+        accelerator=args.accelerator,
+        progress=progress,
+        data_root=args.data_root,
+        say=say,
+    )
+    start = time.perf_counter()
+    store = ensure_store(
+        protocol,
+        model,
+        info,
+        pair.teacher,
+        datamodule.train_set,
+        teacher_paths(args.teachers, protocol, pair.teacher)[0].parent,
+        path=args.out,
+        device="cuda" if resolve_accelerator(args.accelerator) in ("gpu", "cuda") else "cpu",
+        limit=args.limit,
+        progress=progress,
+        say=say,
+    )
+    gen = store.manifest.get("generation") or {}
+    print(
+        f"store {store.path}: {store.num_images} images × {store.num_crops} crops, top-{store.k}, "
+        f"logits {'yes' if store.has_logits else 'no'}; generation {gen.get('time_s')} s "
+        f"({gen.get('images_generated')} images this call; {time.perf_counter() - start:.1f} s wall)"
+    )
+    return 0
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     from ..datasets import list_datasets
     from ..methods import get_method, list_methods
@@ -301,7 +371,8 @@ def cmd_list(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"run": cmd_run, "teachers": cmd_teachers, "list": cmd_list}[args.command](args)
+        commands = {"run": cmd_run, "teachers": cmd_teachers, "softlabels": cmd_softlabels, "list": cmd_list}
+        return commands[args.command](args)
     except USER_ERRORS as exc:
         from ..methods import NonFiniteLossError
 

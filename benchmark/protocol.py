@@ -31,6 +31,8 @@ OPTIMIZER_KEYS = {"name", "lr", "momentum", "nesterov", "weight_decay", "betas",
 SCHEDULE_KEYS = {"name", "interval", "milestones", "gamma", "warmup_epochs", "warmup_lr", "min_lr"}
 AUGMENT_KEYS = {"kind", "pad", "flip", "scale", "ratio", "crop_pct"}
 TEACHER_SOURCES = ("train", "import")
+SOFT_LABEL_KEYS = {"num_crops", "k", "temperature", "scale", "ratio", "flip", "seed", "store_logits"}
+SOFT_LABEL_KEYS |= {"store_embeddings"}
 
 
 class ProtocolError(BenchmarkError):
@@ -106,6 +108,10 @@ class Protocol:
     methods: dict[str, dict[str, Any]] = field(default_factory=dict)
     metrics: tuple[str, ...] = ("top1", "top5")
     selection: str = "last"
+    #: FKD soft-label store settings (ferkd.md §1, §4): N crops, top-k, T_gen, the RandomResizedCrop
+    soft_labels: dict[str, Any] = field(default_factory=dict)
+    #: set by `with_store_augment`: train on the store's crops (replayed or drawn live), not `augment`
+    store_augment: bool = False
     source: str = ""  # the YAML file it came from (not hashed)
 
     # -- lookups -----------------------------------------------------------------------
@@ -140,6 +146,32 @@ class Protocol:
         )
         return dataclasses.replace(self, teacher=recipe)
 
+    def with_store_augment(self, num_crops: int | None = None) -> Protocol:
+        """Train with the soft-label store's RandomResizedCrop instead of `augment` (a different hash)."""
+        if not self.soft_labels:
+            raise ProtocolError(f"protocol {self.name!r} has no soft_labels section (needed by the soft-label store)")
+        settings = dict(self.soft_labels)
+        if num_crops is not None:
+            if num_crops < 1:
+                raise ProtocolError(f"the store needs ≥ 1 crop per image, got {num_crops}")
+            settings["num_crops"] = num_crops
+        return dataclasses.replace(self, soft_labels=settings, store_augment=True)
+
+    @property
+    def train_augment(self) -> dict[str, Any]:
+        """The student's training augmentation: `augment`, or the store's RandomResizedCrop (evaluated on
+        the whole image, crop_pct 1, like the protocol's other runs)."""
+        if not self.store_augment:
+            return dict(self.augment)
+        s = self.soft_labels
+        return {
+            "kind": "rrc",
+            "scale": list(s["scale"]),
+            "ratio": list(s["ratio"]),
+            "flip": bool(s["flip"]),
+            "crop_pct": 1.0,
+        }
+
     # -- identity ----------------------------------------------------------------------
     def recipe(self, pair: PairSpec | None = None) -> dict[str, Any]:
         """What determines a run's number apart from method hyper-parameters."""
@@ -148,6 +180,11 @@ class Protocol:
         for key in ("description", "pairs", "default_pair", "seeds", "methods", "source", "num_workers"):
             data.pop(key)
         data["teacher"] = self.teacher.identity()
+        # absent unless a run trains on the store's crops, so older records keep their hash
+        if data.pop("store_augment"):
+            data["augment"] = self.train_augment
+        else:
+            data.pop("soft_labels")
         if pair is not None:
             data["pair"] = {"teacher": pair.teacher, "student": pair.student, "optimizer": pair.optimizer}
         return data
@@ -242,7 +279,8 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
 def _build(cls: type, data: Any, where: str):
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    _check_keys(data, set(fields) - ({"source"} if cls is Protocol else set()), where)  # Protocol.source: the file
+    # Protocol.source: the file; Protocol.store_augment: set by with_store_augment
+    _check_keys(data, set(fields) - ({"source", "store_augment"} if cls is Protocol else set()), where)
     kwargs = {}
     for name, f in fields.items():
         if name in data:
@@ -266,6 +304,7 @@ def _validate(p: Protocol, where: str) -> None:
         ("teacher.optimizer", p.teacher.optimizer, OPTIMIZER_KEYS),
         ("teacher.schedule", p.teacher.schedule, SCHEDULE_KEYS),
         ("augment", p.augment, AUGMENT_KEYS),
+        ("soft_labels", p.soft_labels, SOFT_LABEL_KEYS),
     ):
         _check_keys(spec, allowed, f"{where}: {key}")
     if "lr" not in p.optimizer or (trained and "lr" not in p.teacher.optimizer):
@@ -279,6 +318,9 @@ def _validate(p: Protocol, where: str) -> None:
         raise ProtocolError(f"{where}: duplicate pairs")
     if p.default_pair and p.default_pair not in names:
         raise ProtocolError(f"{where}: default_pair {p.default_pair!r} is not one of {', '.join(names)}")
+    missing = {"num_crops", "k", "scale", "ratio", "flip"} - set(p.soft_labels)
+    if p.soft_labels and missing:
+        raise ProtocolError(f"{where}: soft_labels needs {', '.join(sorted(missing))}")
     if p.selection != "last":
         raise ProtocolError(f"{where}: selection must be 'last' (the reported number is the last epoch's)")
 

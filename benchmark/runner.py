@@ -36,6 +36,7 @@ from .results import (
     set_aside,
     versions,
 )
+from .soft_labels import StoreDataModule, ensure_store
 from .teachers import ensure_teacher
 from .trainer import build_trainer, make_loggers, resolve_accelerator
 from .zoo import create_model
@@ -62,6 +63,9 @@ class RunRequest:
     wandb: bool = True
     progress: bool = True
     measure_overhead: bool = True
+    teacher_cache: str | None = None  # "1": the run's soft-label store (made if missing); or a store path
+    augment: str | None = None  # "store": the soft-label store's RandomResizedCrop, drawn live
+    crops: int | None = None  # crops per image in the soft-label store (overrides the protocol's)
 
 
 @dataclass
@@ -88,7 +92,7 @@ def make_datamodule(protocol: Protocol, *, seed: int, data_root: str | None = No
         val_size=int(val) if val >= 1 else val,
         split_seed=protocol.dataset.split_seed,
         seed=seed,
-        augment=protocol.augment,
+        augment=protocol.train_augment,
         mean=protocol.input.mean,
         std=protocol.input.std,
         num_workers=protocol.num_workers,
@@ -116,6 +120,7 @@ def resolve(request: RunRequest) -> ResolvedRun:
         protocol = protocol.with_teacher_epochs(request.teacher_epochs)
         changes["teacher_epochs"] = request.teacher_epochs
     pair = protocol.pair(request.pair)
+    protocol = _store_protocol(request, spec, protocol, changes)
     hparams = spec.resolve_hparams(
         protocol.methods.get(request.method), pair.methods.get(request.method), request.hparams
     )
@@ -141,6 +146,28 @@ def resolve(request: RunRequest) -> ResolvedRun:
     pair_label = pair.name if spec.needs_teacher else f"none__{pair.student}"
     path = record_path(request.results, protocol.name, request.method, variant, pair_label, request.seed)
     return ResolvedRun(request, protocol, spec, pair, hparams, variant, pair_label, path)
+
+
+def uses_store(request: RunRequest, spec) -> bool:
+    """Whether the run trains on the soft-label store's crops (FKD/FerKD stages or TEACHER_CACHE)."""
+    return bool(request.teacher_cache) or any(stage.name == "soft_labels" for stage in spec.stages)
+
+
+def _store_protocol(request: RunRequest, spec, protocol: Protocol, changes: dict[str, Any]) -> Protocol:
+    if request.augment not in (None, "", "protocol", "store"):
+        raise BenchmarkError(f"AUGMENT must be 'protocol' or 'store', got {request.augment!r}")
+    store = uses_store(request, spec)
+    if request.teacher_cache:
+        if not spec.needs_teacher:
+            raise BenchmarkError(f"TEACHER_CACHE needs a method with a teacher; {spec.name!r} has none")
+        changes["teacher_cache"] = 1
+    if request.augment == "store" and not store:
+        changes["augment"] = "store"
+    if request.crops is not None:
+        changes["crops"] = request.crops
+    if store or request.augment == "store" or request.crops is not None:
+        return protocol.with_store_augment(request.crops)
+    return protocol
 
 
 def run(request: RunRequest, say=print) -> dict[str, Any]:
@@ -209,6 +236,8 @@ def run(request: RunRequest, say=print) -> dict[str, Any]:
         work_dir=r.run_dir,
         cache_dir=Path(teacher_info["checkpoint"]).parent if teacher_info else r.run_dir,
     )
+    if uses_store(request, r.spec):
+        context.soft_labels = soft_label_source(context, r, teacher, say)
     input_shape = (protocol.input.channels, protocol.input.size, protocol.input.size)
     start = time.perf_counter()
     module = None
@@ -216,6 +245,11 @@ def run(request: RunRequest, say=print) -> dict[str, Any]:
         for stage in r.spec.stages:
             say(f"stage {stage.name!r} of {request.method} …")
             context.artifacts[stage.name] = stage.run(context)
+        if request.teacher_cache and "soft_labels" not in context.artifacts:
+            context.artifacts["soft_labels"] = context.soft_labels(require_logits=True)
+        if context.datamodule is not datamodule:  # trained from the soft-label store
+            datamodule = context.datamodule
+            record.update(teacher_source="store", soft_labels=datamodule.summary())
         module = r.spec.module_cls(
             student,
             teacher,
@@ -255,6 +289,42 @@ def run(request: RunRequest, say=print) -> dict[str, Any]:
             if trainer.is_global_zero:
                 save_record(r.path, record)
     return record
+
+
+def soft_label_source(context: StageContext, r: ResolvedRun, teacher: FrozenTeacher, say):
+    """`context.soft_labels(...)`: open or make the run's store and train from it (ferkd.md §1)."""
+
+    def prepare(*, crops_per_image: int = 1, recover_mode: str = "marginal_smoothing", require_logits=False):
+        request = r.request
+        base = context.datamodule
+        base.setup()
+        store = ensure_store(
+            r.protocol,
+            teacher.model,
+            teacher.info,
+            r.pair.teacher,
+            base.train_set,
+            context.cache_dir,
+            path=None if str(request.teacher_cache) in ("", "1", "None") else request.teacher_cache,
+            device="cuda" if resolve_accelerator(request.accelerator) in ("gpu", "cuda") else "cpu",
+            progress=request.progress,
+            say=say,
+        )
+        if require_logits and not store.has_logits:
+            raise BenchmarkError(
+                f"the soft-label store {store.path} has no logits (store_logits: false): cached KD needs them"
+            )
+        context.datamodule = StoreDataModule(
+            base,
+            store,
+            epochs=r.protocol.epochs,
+            seed=request.seed,
+            crops_per_image=crops_per_image,
+            recover_mode=recover_mode,
+        )
+        return context.datamodule
+
+    return prepare
 
 
 def _build_teacher(r: ResolvedRun, datamodule, say) -> tuple[FrozenTeacher, dict[str, Any]]:
@@ -320,6 +390,7 @@ def _new_record(r: ResolvedRun, run_id: str, teacher_info: dict | None, student)
         "versions": versions(),
         "hardware": hardware(resolve_accelerator(request.accelerator)),
         "wandb_run": None,
+        "teacher_source": "live" if teacher_info else None,
         "started_at": now_iso(),
         "finished_at": None,
         "error": None,

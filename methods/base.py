@@ -153,6 +153,13 @@ class DistillModule(L.LightningModule):
         """The protocol's criterion on student logits (CE, optionally label-smoothed), in float32."""
         return F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
 
+    def teacher_logits(self, batch: Mapping[str, Tensor]) -> Tensor:
+        """The teacher's logits for this batch: stored ones when the batch carries them (the soft-label
+        store's teacher cache, `TEACHER_CACHE=1`: no teacher forward), else the frozen teacher, live."""
+        if "teacher_logits" in batch:
+            return batch["teacher_logits"]
+        return self.teacher.logits(batch["image"])
+
     def log_diagnostics(self, values: Mapping[str, Tensor | float]) -> None:
         """Unweighted terms and other per-step quantities, logged under `diag/`."""
         for key, value in values.items():

@@ -57,7 +57,7 @@ class DKD(DistillModule):
     def losses(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
         x, y = batch["image"], batch["label"]
         logits_s = self.student(x)
-        logits_t = self.teacher.logits(x)
+        logits_t = self.teacher_logits(batch)
         tckd, nckd = dkd_terms(logits_s, logits_t, y, self.hp.temperature)
         factor = warmup_factor(self.current_epoch, self.hp.warmup_epochs)
         self.log_diagnostics({"tckd": tckd.mean().detach(), "nckd": nckd.mean().detach(), "dkd_factor": factor})

@@ -37,7 +37,7 @@ class KD(DistillModule):
     def losses(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
         x, y = batch["image"], batch["label"]
         logits_s = self.student(x)
-        logits_t = self.teacher.logits(x)
+        logits_t = self.teacher_logits(batch)
         return {
             "ce": self.hp.ce_weight * self.classification_loss(logits_s, y),
             "kd": self.hp.kd_weight * kd_loss(logits_s, logits_t, self.hp.temperature),

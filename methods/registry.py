@@ -34,6 +34,9 @@ class StageContext:
     cache_dir: Any  # pathlib.Path beside the teacher checkpoint, for teacher-keyed caches
     artifacts: dict[str, Any] = field(default_factory=dict)
     make_trainer: Callable[..., Any] | None = None
+    #: set by the runner for runs that train on the soft-label store: `soft_labels(crops_per_image=n,
+    #: recover_mode=...)` opens or makes the store, replaces `datamodule` by stored-crop replay, returns it
+    soft_labels: Callable[..., Any] | None = None
 
 
 @dataclass(frozen=True)
