@@ -102,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     soft.add_argument("--accelerator", default="auto")
     soft.add_argument("--data-root", default=None)
     soft.add_argument("--no-progress", action="store_true")
+    soft.add_argument("--verify", type=int, default=32, help="round-trip check on N random images (0: skip)")
 
     teachers = sub.add_parser("teachers", help="train (default) or import and store the teachers of a protocol")
     teachers.add_argument("action", nargs="?", default="train", choices=["train", "import"])
@@ -297,6 +298,7 @@ def _cmd_teachers_import(args: argparse.Namespace, protocol) -> int:
 
 
 def cmd_softlabels(args: argparse.Namespace) -> int:
+    import json
     import time
 
     from .protocol import load_protocol
@@ -336,6 +338,14 @@ def cmd_softlabels(args: argparse.Namespace) -> int:
         say=say,
     )
     gen = store.manifest.get("generation") or {}
+    if args.verify:
+        from ..datasets.soft_labels import verify_store
+        from .soft_labels import teacher_meta
+
+        train = datamodule.train_set
+        meta = teacher_meta(protocol, pair.teacher, info)
+        check = verify_store(store, model, train.images, train.labels, meta, args.verify)
+        print(f"round-trip check (stored vs live teacher on the replayed crops): {json.dumps(check)}")
     print(
         f"store {store.path}: {store.num_images} images × {store.num_crops} crops, top-{store.k}, "
         f"logits {'yes' if store.has_logits else 'no'}; generation {gen.get('time_s')} s "

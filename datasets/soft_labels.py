@@ -544,3 +544,39 @@ def replay_crop(image: Tensor, coords, flip: bool, size: int, interpolation: str
     _, h, w = image.shape
     boxes = coords_to_boxes(np.asarray(coords, dtype=np.float32)[None], h, w)
     return crop_resize(image[None], boxes, np.array([bool(flip)]), size, interpolation)[0]
+
+
+def verify_store(
+    store: SoftLabelStore, teacher: nn.Module, images: Tensor, labels: Tensor, meta: TeacherMeta, n: int = 32, seed=0
+) -> dict[str, Any]:
+    """The round-trip check on a real store: for n random images, replay every stored crop at the teacher's
+    size and interpolation, run the teacher live, and compare with what the store holds."""
+    rng = np.random.default_rng(seed)
+    index = np.sort(rng.choice(store.num_images, size=min(n, store.num_images), replace=False))
+    data = store.gather(index)
+    m, crops = len(index), store.num_crops
+    h, w = images.shape[-2:]
+    boxes = coords_to_boxes(np.asarray(data["coords"]).reshape(-1, 4), h, w)
+    owner = torch.from_numpy(np.repeat(index, crops))
+    pixels = crop_resize(images[owner], boxes, np.asarray(data["flips"]).reshape(-1), meta.size, meta.interpolation)
+    device = next(teacher.parameters()).device
+    z, _ = teacher_forward(teacher.eval(), pixels.to(device), meta, False)
+    z = z.float().cpu()
+    p = F.softmax(z / store.key["temperature"], dim=1)
+    q = torch.from_numpy(np.asarray(data["labels"], dtype=np.float32).reshape(m * crops, 2, store.k))
+    top = p.topk(store.k, dim=1)
+    out = {
+        "images": m,
+        "crops": m * crops,
+        "topk_indices_equal": float((q[:, 0].round().long() == top.indices).float().mean()),
+        "max_abs_prob_err": float((q[:, 1] - top.values).abs().max()),
+        "max_abs_gt_prob_err": float(
+            (torch.from_numpy(np.asarray(data["gt_prob"]).reshape(-1)) - p.gather(1, labels[owner][:, None])[:, 0])
+            .abs()
+            .max()
+        ),
+    }
+    if "logits" in data:
+        stored = torch.from_numpy(np.asarray(data["logits"]).reshape(m * crops, -1))
+        out["max_abs_logit_err"] = float((stored - z).abs().max())
+    return out

@@ -214,3 +214,13 @@ def test_cached_targets_equal_the_live_teacher_for_the_replayed_crop(tiny, tmp_p
     assert set(cached.__getitems__(keys[:10])["crop"].tolist()) == {2}
     with pytest.raises(SoftLabelStoreError, match="fewer than 2 crops"):
         cached.restrict(pool, min_crops=2)
+
+
+def test_verify_store_reports_agreement(tiny, tmp_path):
+    from distillbench.datasets.soft_labels import verify_store
+
+    teacher, images, labels = tiny
+    manifest = _generate(tiny, tmp_path / "s")
+    check = verify_store(SoftLabelStore.open(tmp_path / "s", manifest["key"]), teacher, images, labels, META, n=4)
+    assert check["crops"] == 24 and check["topk_indices_equal"] == 1.0
+    assert check["max_abs_prob_err"] < 1e-5 and check["max_abs_logit_err"] < 1e-5
