@@ -215,6 +215,8 @@ class StoreDataModule(L.LightningDataModule):
             "temperature": m["key"]["temperature"],
             "augment": m["key"]["augment"],
             "has_logits": self.store.has_logits,
+            # stored logits: softmax(z/T) at any T equals the live teacher's on the stored (bicubic) crop
+            "exact_targets": self.store.has_logits,
             "crops_per_image": self.crops_per_image,
             "generation_time_s": (m.get("generation") or {}).get("time_s"),
         }
