@@ -180,3 +180,14 @@ def test_fkd_ferkd_and_cached_kd_train_from_the_store(store_protocol, teacher_st
     live = resolve(_request(store_protocol, teacher_store, tmp_path, "vanilla", augment="store"))
     assert live.variant == "augment=store" and live.protocol.hash(live.pair) == fkd["protocol_hash"]
     assert live.protocol.train_augment == {"kind": "rrc", "scale": [0.25, 1.0], "ratio": [0.75, 1.3333], "flip": False}
+
+
+def test_softlabels_command_builds_a_partial_store_and_checks_it(store_protocol, teacher_store, tmp_path, capsys):
+    from distillbench.benchmark.cli import main
+
+    args = ["softlabels", "--protocol", str(store_protocol), "--teachers", str(teacher_store), "--no-progress"]
+    assert main([*args, "--limit", "40", "--crops", "2", "--verify", "8", "--out", str(tmp_path / "s")]) == 0
+    out = capsys.readouterr().out
+    assert "40 images × 2 crops" in out and '"topk_indices_equal": 1.0' in out
+    assert main([*args, "--limit", "40", "--crops", "3", "--out", str(tmp_path / "s")]) == 2
+    assert "does not match this run (num_crops: store 2 ≠ run 3)" in " ".join(capsys.readouterr().err.split())
