@@ -145,7 +145,14 @@ def store_protocol(tmp_path_factory):
     data = {
         **TINY_PROTOCOL,
         "epochs": 3,
-        "soft_labels": {"num_crops": 4, "k": 3, "scale": [0.25, 1.0], "ratio": [0.75, 1.3333], "flip": False},
+        "soft_labels": {
+            "num_crops": 4,
+            "k": 3,
+            "scale": [0.25, 1.0],
+            "ratio": [0.75, 1.3333],
+            "flip": False,
+            "crop_pct": 1.0,
+        },
     }
     return write_protocol(tmp_path_factory.mktemp("protocols") / "tinydigits.yaml", data)
 
