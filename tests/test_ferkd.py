@@ -186,7 +186,8 @@ def test_fkd_ferkd_and_cached_kd_train_from_the_store(store_protocol, teacher_st
     assert cached["protocol_hash"] == fkd["protocol_hash"] and cached["metrics"]["top1"] > 30
     live = resolve(_request(store_protocol, teacher_store, tmp_path, "vanilla", augment="store"))
     assert live.variant == "augment=store" and live.protocol.hash(live.pair) == fkd["protocol_hash"]
-    assert live.protocol.train_augment == {"kind": "rrc", "scale": [0.25, 1.0], "ratio": [0.75, 1.3333], "flip": False}
+    expected = {"kind": "rrc", "scale": [0.25, 1.0], "ratio": [0.75, 1.3333], "flip": False, "crop_pct": 1.0}
+    assert live.protocol.train_augment == expected
 
 
 def test_softlabels_command_builds_a_partial_store_and_checks_it(store_protocol, teacher_store, tmp_path, capsys):
