@@ -151,7 +151,6 @@ def store_protocol(tmp_path_factory):
             "scale": [0.25, 1.0],
             "ratio": [0.75, 1.3333],
             "flip": False,
-            "crop_pct": 1.0,
         },
     }
     return write_protocol(tmp_path_factory.mktemp("protocols") / "tinydigits.yaml", data)
