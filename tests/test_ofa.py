@@ -283,3 +283,18 @@ def test_ofa_runs_on_a_heterogeneous_digits_pair(teacher_store, tmp_path):
     assert record["student"]["params"] == count_params(create_model("vit_micro_p2_8", num_classes=10, in_chans=1))
     assert record["adapter_params"] > 0
     assert record["metrics"]["top1"] > 10  # one epoch: above chance
+
+
+def test_protocol_settings_follow_the_spec():
+    """ofa.md §4: CNN students on cifar100-hetero use ofa_w 0.1; imagenet ε 1.5; small protocols all 1."""
+    for name, eps, ofa_w in (("cifar100-hetero", 1.0, 0.1), ("imagenet", 1.5, 1.0), ("fmnist", 1.0, 1.0)):
+        protocol = load_protocol(name)
+        for pair in protocol.pairs:
+            hp = get_method("ofa").resolve_hparams(protocol.methods.get("ofa"), pair.methods.get("ofa"))
+            assert (hp["eps"], hp["temperature"], hp["gt_weight"], hp["kd_weight"]) == (eps, 1.0, 1.0, 1.0)
+            assert hp["ofa_weight"] == ofa_w, (name, pair.name)
+    for name in ("digits", "fmnist"):
+        students = {p.student for p in load_protocol(name).pairs}
+        teachers = {p.teacher for p in load_protocol(name).pairs}
+        assert any(s.startswith(("vit_", "mixer_")) for s in students)  # CNN → ViT / MLP
+        assert any(t.startswith("vit_") for t in teachers)  # ViT → CNN
