@@ -359,7 +359,7 @@ class OFA(DistillModule):
         x, y = batch["image"], batch["label"]
         final, feats = self.taps.run(self.student, x)
         logits_s = self.student.forward_head(final)
-        logits_t = self.teacher.logits(x)
+        logits_t = self.teacher_logits(batch)
         mask = target_mask(y, logits_s.shape[1])
         t = self.hp.temperature
         branch = {}
