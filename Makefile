@@ -26,6 +26,8 @@ TEACHER_CACHE ?=
 AUGMENT   ?=
 CROPS     ?=
 LIMIT     ?=
+TEACHER   ?=
+BUDGET    ?=
 
 export DISTILLBENCH_TEACHERS ?= $(CURDIR)/teachers
 export DATA_ROOT
@@ -38,7 +40,7 @@ RUN_ARGS = --method $(METHOD) --protocol $(PROTOCOL) --seeds $(SEEDS) --devices 
 	$(if $(TEACHER_CACHE),--teacher-cache $(TEACHER_CACHE)) $(if $(AUGMENT),--augment $(AUGMENT)) \
 	$(if $(CROPS),--crops $(CROPS))
 
-.PHONY: install bench teachers softlabels test lint list clean-venv
+.PHONY: install bench search teachers softlabels test lint list clean-venv
 
 install: $(STAMP)
 
@@ -50,6 +52,12 @@ $(STAMP): pyproject.toml
 
 bench: $(STAMP)
 	$(PY) -m distillbench.benchmark run $(RUN_ARGS)
+
+# a method's search stage alone (DisWOT): prints the top candidates, writes the search record
+search: $(STAMP)
+	$(PY) -m distillbench.benchmark search --method $(METHOD) --protocol $(PROTOCOL) --seeds $(SEEDS) \
+		--results $(RESULTS) $(if $(PAIR),--pair $(PAIR)) $(if $(TEACHER),--teacher $(TEACHER)) \
+		$(if $(BUDGET),--budget $(BUDGET)) $(foreach s,$(SET),--set $(s))
 
 teachers: $(STAMP)
 	$(PY) -m distillbench.benchmark teachers --protocol $(PROTOCOL) --accelerator $(ACCELERATOR) \

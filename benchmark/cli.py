@@ -121,6 +121,22 @@ def build_parser() -> argparse.ArgumentParser:
     teachers.add_argument("--force", action="store_true", help="retrain even if stored")
     teachers.add_argument("--no-progress", action="store_true")
 
+    search = sub.add_parser("search", help="run a method's search stage alone (e.g. DisWOT's student search)")
+    search.add_argument("--method", required=True)
+    search.add_argument("--protocol", default="digits")
+    search.add_argument("--pair", default=None)
+    search.add_argument("--teacher", default=None, help="teacher architecture scored against (default: the pair's)")
+    search.add_argument("--budget", default=None, help="params=200K,flops=5M (or a bare params number)")
+    search.add_argument("--seeds", default="0")
+    search.add_argument("--results", default="results")
+    search.add_argument("--data-root", default=None)
+    search.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    search.add_argument("--top", type=int, default=10)
+
+    from .rankstudy import add_parser as add_rankstudy
+
+    add_rankstudy(sub)
+
     lister = sub.add_parser("list", help="list methods, protocols, pairs, models or datasets")
     lister.add_argument(
         "what", nargs="?", default="methods", choices=["methods", "protocols", "pairs", "models", "datasets"]
@@ -354,6 +370,34 @@ def cmd_softlabels(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_search(args: argparse.Namespace) -> int:
+    from .search import run_search_command
+
+    for seed in _parse_seeds(args.seeds):
+        run_search_command(
+            method=args.method,
+            protocol=args.protocol,
+            pair=args.pair,
+            teacher=args.teacher,
+            budget=args.budget,
+            seed=seed,
+            results=args.results,
+            hparams=_parse_sets(args.set),
+            data_root=args.data_root,
+            top=args.top,
+        )
+    return 0
+
+
+def cmd_rankstudy(args: argparse.Namespace) -> int:
+    from .rankstudy import run_rankstudy
+
+    args.argv = sys.argv[1:] if sys.argv[1:2] == ["rankstudy"] and len(sys.argv) > 2 else ["rankstudy"]
+    args.argv = args.argv[1:]
+    run_rankstudy(args)
+    return 0
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     from ..datasets import list_datasets
     from ..methods import get_method, list_methods
@@ -381,7 +425,14 @@ def cmd_list(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        commands = {"run": cmd_run, "teachers": cmd_teachers, "softlabels": cmd_softlabels, "list": cmd_list}
+        commands = {
+            "run": cmd_run,
+            "teachers": cmd_teachers,
+            "softlabels": cmd_softlabels,
+            "list": cmd_list,
+            "search": cmd_search,
+            "rankstudy": cmd_rankstudy,
+        }
         return commands[args.command](args)
     except USER_ERRORS as exc:
         from ..methods import NonFiniteLossError

@@ -45,7 +45,7 @@ from .zoo import create_model
 @dataclass
 class RunRequest:
     method: str
-    protocol: str
+    protocol: Any  # a protocol name, a YAML path or a Protocol
     pair: str | None = None
     seed: int = 0
     devices: int = 1
@@ -111,7 +111,7 @@ def available_devices(accelerator: str) -> int:
 def resolve(request: RunRequest) -> ResolvedRun:
     """Everything that can be checked before any work: fails fast with a specific message."""
     spec = get_method(request.method)
-    protocol = load_protocol(request.protocol)
+    protocol = request.protocol if isinstance(request.protocol, Protocol) else load_protocol(request.protocol)
     changes = dict(request.hparams)
     if request.epochs and request.epochs != protocol.epochs:
         protocol = protocol.with_epochs(request.epochs)
@@ -235,10 +235,14 @@ def run(request: RunRequest, say=print) -> dict[str, Any]:
         seed=seed,
         work_dir=r.run_dir,
         cache_dir=Path(teacher_info["checkpoint"]).parent if teacher_info else r.run_dir,
+        student=student,
+        student_arch=pair.student,
     )
     if uses_store(request, r.spec):
         context.soft_labels = soft_label_source(context, r, teacher, say)
     input_shape = (protocol.input.channels, protocol.input.size, protocol.input.size)
+    context.build_model = lambda name: create_model(name, num_classes=num_classes, in_chans=protocol.input.channels)
+    context.count_flops = lambda model: cost.count_flops(model, input_shape)
     start = time.perf_counter()
     module = None
     try:
@@ -250,6 +254,9 @@ def run(request: RunRequest, say=print) -> dict[str, Any]:
         if context.datamodule is not datamodule:  # trained from the soft-label store
             datamodule = context.datamodule
             record.update(teacher_source="store", soft_labels=datamodule.summary())
+        if context.student is not student:  # a search stage chose the student
+            student = context.student
+            record["student"] = {"arch": context.student_arch, "params": cost.count_params(student)}
         module = r.spec.module_cls(
             student,
             teacher,

@@ -37,6 +37,13 @@ class StageContext:
     #: set by the runner for runs that train on the soft-label store: `soft_labels(crops_per_image=n,
     #: recover_mode=...)` opens or makes the store, replaces `datamodule` by stored-crop replay, returns it
     soft_labels: Callable[..., Any] | None = None
+    #: zoo access for search stages: `build_model(name)` at the protocol's classes/channels, and
+    #: `count_flops(model)` at its input size (fvcore)
+    build_model: Callable[[str], Any] | None = None
+    count_flops: Callable[[Any], int | None] | None = None
+    #: the student to train; a search stage may replace it (and name it in `student_arch`)
+    student: Any = None
+    student_arch: str = ""
 
 
 @dataclass(frozen=True)
