@@ -283,3 +283,20 @@ def test_search_and_rankstudy_cli(tiny_protocol_path, tmp_path, capsys):
     (out / "bad.csv").write_text("name,kd\nresnet_depth_111,80\n")
     assert main([*args[:-4], "--gt", str(out / "bad.csv"), "--out", str(out)]) == 2
     assert "lacks ground truth" in capsys.readouterr().err
+
+
+def test_rankstudy_trains_ground_truth_through_the_runner(tiny_protocol_path, teacher_store, tmp_path, monkeypatch):
+    from distillbench.benchmark.protocol import PairSpec, load_protocol
+    from distillbench.benchmark.rankstudy import train_ground_truth
+
+    monkeypatch.setenv("DISTILLBENCH_TEACHERS", str(teacher_store))
+    names = ["resnet_depth_111_w50", "resnet_depth_111"]
+    protocol = load_protocol(tiny_protocol_path)
+    acc, wall = train_ground_truth(protocol, "resnet14", names, ["kd"], [0], str(tmp_path), say=lambda m: None)
+    assert set(acc["kd"]) == set(names) and all(len(v) == 1 and 0 <= v[0] <= 100 for v in acc["kd"].values())
+    record = json.loads((tmp_path / "tinydigits" / "kd" / "resnet14__resnet_depth_111" / "seed0.json").read_text())
+    expected = protocol.hash(PairSpec("resnet14", "resnet_depth_111"))
+    assert record["status"] == "finished" and record["protocol_hash"] == expected
+    again, _ = train_ground_truth(protocol, "resnet14", names, ["kd"], [0], str(tmp_path), say=lambda m: None)
+    assert again == acc  # finished records are reused, not retrained
+    assert wall["kd"] > 0
