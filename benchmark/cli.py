@@ -392,8 +392,6 @@ def cmd_search(args: argparse.Namespace) -> int:
 def cmd_rankstudy(args: argparse.Namespace) -> int:
     from .rankstudy import run_rankstudy
 
-    args.argv = sys.argv[1:] if sys.argv[1:2] == ["rankstudy"] and len(sys.argv) > 2 else ["rankstudy"]
-    args.argv = args.argv[1:]
     run_rankstudy(args)
     return 0
 
@@ -424,6 +422,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)[1:]  # recorded by rankstudy
     try:
         commands = {
             "run": cmd_run,
