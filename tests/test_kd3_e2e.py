@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -121,3 +124,20 @@ def test_selection_with_an_untrained_teacher_keeps_at_least_a_batch(web_setup):
         hparams=spec.resolve_hparams({"selection": False}),
     )
     assert ablation.select_pool_indices(dm) is None  # no selection: the whole pool every epoch
+
+
+def test_two_process_ddp_selects_what_one_process_selects(web_setup, tmp_path):
+    path, root = web_setup
+    one = run(_request(web_setup, tmp_path / "one", measure_overhead=False), say=lambda m: None)
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "DATA_ROOT": str(root)}
+    cmd = [sys.executable, "-m", "distillbench.benchmark", "run", "--method", "kd3", "--protocol", str(path)]
+    cmd += ["--devices", "2", "--accelerator", "cpu", "--teachers", str(root / "teachers")]
+    cmd += ["--results", str(tmp_path / "two"), "--no-progress", "--no-overhead"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (record_path,) = (tmp_path / "two").rglob("seed*.json")
+    two = json.loads(record_path.read_text())
+    assert two["status"] == "finished" and two["world_size"] == 2
+    # the sharded, all-gathered pass scores the same pool with the same initial weights: the same subset
+    first = {k: v for k, v in one["history"][0].items() if k.startswith("select/") and k != "select/time_s"}
+    assert first == {k: two["history"][0][k] for k in first}
