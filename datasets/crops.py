@@ -67,7 +67,8 @@ def crop_resize(
                 kwargs = {"align_corners": False, "antialias": h > size or w > size}
             patch = F.interpolate(patch, size=(size, size), mode=interpolation, **kwargs)
         out[idx] = patch
-    out = out.round_().clamp_(0.0, 255.0).div_(255.0)
+    np.rint(out.numpy(), out=out.numpy())  # = Tensor.round_ (half to even); torch's is ~1000× slower here
+    out = out.clamp_(0.0, 255.0).div_(255.0)
     flips = torch.as_tensor(np.asarray(flips, dtype=bool))
     if flips.any():
         out[flips] = out[flips].flip(-1)

@@ -377,15 +377,16 @@ class SoftLabelStore:
         """Arrays for images `index` (B,), all N crops (crop None) or crop `crop[b]` of image b."""
         shard, row = self._locate(index)
         fields = [f for f in (fields or self.fields) if f in self.fields]
-        out: dict[str, list] = {f: [None] * len(shard) for f in fields}
+        first = self._shards[0]
+        tail = 1 if crop is None else 2  # leading axes dropped: (image) or (image, crop)
+        out = {f: np.empty((len(shard), *first[f].shape[tail:]), dtype=first[f].dtype) for f in fields}
+        crop = None if crop is None else np.asarray(crop)
         for s in np.unique(shard):
             sel = np.nonzero(shard == s)[0]
             for f in fields:
                 arr = self._shards[s][f]
-                values = arr[row[sel]] if crop is None else arr[row[sel], np.asarray(crop)[sel]]
-                for j, b in enumerate(sel):
-                    out[f][b] = values[j]
-        return {f: np.stack(v) if v else np.empty(0) for f, v in out.items()}
+                out[f][sel] = arr[row[sel]] if crop is None else arr[row[sel], crop[sel]]
+        return out
 
     def get(self, i: int) -> tuple[np.ndarray, ...]:
         """(coords, flips, labels, gt_prob[, logits][, embeddings]) of image i, all N crops."""
@@ -503,8 +504,8 @@ class CachedTeacherDataset(torch.utils.data.Dataset):
         return len(self.dataset)
 
     def choose_crops(self, index: np.ndarray, pass_id: np.ndarray, slot: np.ndarray) -> np.ndarray:
-        n = self.store.num_crops
-        u = np.stack([uniform(self.seed + 7919, pass_id, index, 1000 + j) for j in range(n)], axis=1)
+        streams = 1000 + np.arange(self.store.num_crops, dtype=np.uint64)  # one counter stream per stored crop
+        u = uniform(self.seed + 7919, np.asarray(pass_id)[:, None], np.asarray(index)[:, None], streams)
         if self.crop_pool is not None:
             u = np.where(self.crop_pool[index], u, np.inf)
         perm = np.argsort(u, axis=1, kind="stable")
