@@ -5,8 +5,8 @@
 
 Formats:
 - `mdistiller`: the CRD/RepDistiller/mdistiller CIFAR teachers, a dict holding the weights under
-  `model` (RepDistiller's `{'epoch', 'model', 'best_acc', 'optimizer'}`) or `net`; the official module
-  names of the CIFAR ResNets and WRNs are renamed to the zoo's (`rename_official`);
+  `model` (RepDistiller's `{'epoch', 'model', 'best_acc', 'optimizer'}`) or `net`; the reference module
+  names differ from the zoo's, so the weights are matched by layer order and shape (`zoo.adopt_state_dict`);
 - `state_dict`: a plain {name: tensor} mapping (a `module.` prefix from DataParallel is removed);
 - `timm`: `--checkpoint` is a pinned timm pretrained tag such as `resnet34.tv_in1k`, fetched by timm
   (online only) — for protocols whose teachers are ImageNet-pretrained;
@@ -21,9 +21,7 @@ accuracy, never a claimed one.
 
 from __future__ import annotations
 
-import re
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,45 +32,10 @@ from .protocol import Protocol
 from .results import git_commit, now_iso, write_json_atomic
 from .teachers import SIDECAR_SCHEMA, TeacherError, save_checkpoint_atomic, sha256_file, teacher_paths
 from .trainer import resolve_accelerator
-from .zoo import create_model
+from .zoo import StateDictMismatchError, adopt_state_dict, create_model
 
 FORMATS = ("auto", "mdistiller", "state_dict", "timm")
 WRAPPER_KEYS = ("model", "net", "state_dict")
-
-# RepDistiller/mdistiller name the CIFAR modules differently from the zoo (models/resnet.py: conv1, bn1,
-# layer1..3, fc; models/wrn.py: conv1, block1..3.layer.i with convShortcut, bn1, fc). Their checkpoints
-# are renamed to the zoo's names before the strict load. Families not listed here load as they are.
-_Rename = tuple[str, str | Callable[[re.Match], str]]
-_RESNET: list[_Rename] = [
-    (r"^conv1\.", "stem.0."),
-    (r"^bn1\.", "stem.1."),
-    (r"^layer(\d)\.", lambda m: f"stages.{int(m[1]) - 1}."),
-]
-_WRN: list[_Rename] = [
-    (r"^conv1\.", "stem."),
-    (r"^block(\d)\.layer\.", lambda m: f"stages.{int(m[1]) - 1}."),
-    (r"\.convShortcut\.", ".shortcut."),
-    (r"^bn1\.", "final.0."),
-]
-
-
-def official_renames(arch: str) -> list[_Rename]:
-    if re.fullmatch(r"resnet(8|14|20|32|44|56|110|8x4|32x4)", arch):
-        return _RESNET
-    if re.fullmatch(r"wrn_\d+_\d+", arch):
-        return _WRN
-    return []
-
-
-def rename_official(state: dict[str, torch.Tensor], arch: str) -> dict[str, torch.Tensor]:
-    """RepDistiller/mdistiller key names → the zoo's, for the families that differ."""
-    rules = official_renames(arch)
-    out = {}
-    for key, value in state.items():
-        for pattern, repl in rules:
-            key = re.sub(pattern, repl, key)
-        out[key] = value
-    return out
 
 
 def read_checkpoint(path: Path, fmt: str) -> dict[str, torch.Tensor]:
@@ -103,14 +66,14 @@ def read_checkpoint(path: Path, fmt: str) -> dict[str, torch.Tensor]:
     return dict(state)
 
 
-def load_strict(model: nn.Module, state: dict[str, torch.Tensor], arch: str, origin: str) -> None:
+def load_strict(model: nn.Module, state: dict[str, torch.Tensor], arch: str, origin: str, note: str = "") -> None:
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
         raise TeacherError(
             f"{origin} does not fit architecture {arch!r}: {len(missing)} missing key(s) {missing[:6]}, "
-            f"{len(unexpected)} unexpected key(s) {unexpected[:6]}"
+            f"{len(unexpected)} unexpected key(s) {unexpected[:6]}{note}"
         )
     shapes = [
         f"{k}: {tuple(v.shape)} ≠ {tuple(expected[k].shape)}" for k, v in state.items() if v.shape != expected[k].shape
@@ -189,10 +152,13 @@ def import_teacher(
     else:
         path = Path(checkpoint)
         state, origin = read_checkpoint(path, fmt), {"file": str(path.resolve()), "file_sha256": sha256_file(path)}
+    note = ""
     if fmt in ("auto", "mdistiller") and set(state) != set(model.state_dict()):
-        renamed = rename_official(state, arch)
-        state = renamed if set(renamed) == set(model.state_dict()) else state
-    load_strict(model, state, arch, checkpoint)
+        try:  # reference module names differ from the zoo's; the zoo keeps the reference layer order
+            state = adopt_state_dict(model, state, arch)
+        except StateDictMismatchError as exc:
+            note = f"; matched by reference layer order instead: {exc}"
+    load_strict(model, state, arch, checkpoint, note)
     device = torch.device("cuda" if resolve_accelerator(accelerator) in ("gpu", "cuda") else "cpu")
     start = time.perf_counter()
     measured = evaluate(model, datamodule.test_dataloader(), device)

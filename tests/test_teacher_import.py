@@ -4,12 +4,13 @@ and a CIFAR-100-format run end to end with a teacher trained on the generated tr
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 
 import pytest
 import torch
 from distillbench.benchmark.cli import main
-from distillbench.benchmark.protocol import load_protocol
+from distillbench.benchmark.protocol import PairSpec, load_protocol
 from distillbench.benchmark.runner import RunRequest, make_datamodule, run
 from distillbench.benchmark.teacher_import import import_teacher, read_checkpoint
 from distillbench.benchmark.teachers import TeacherError, load_teacher, sha256_file
@@ -200,15 +201,17 @@ REPDISTILLER_WRN_16_1 = [
 
 
 @pytest.mark.parametrize(("arch", "official"), [("resnet8", REPDISTILLER_RESNET8), ("wrn_16_1", REPDISTILLER_WRN_16_1)])
-def test_repdistiller_names_map_onto_the_zoo(arch, official):
-    from distillbench.benchmark.teacher_import import load_strict, rename_official
-
+def test_repdistiller_checkpoints_import_into_the_zoo(arch, official, cifar_root, tmp_path):
+    """A checkpoint with the reference module names imports into the zoo model, each tensor in its place."""
     model = create_model(arch, num_classes=100)
     ours = model.state_dict()
     assert len(official) == len(ours)
     state = {k: torch.randn_like(v.float()).to(v.dtype) for k, v in zip(official, ours.values(), strict=True)}
-    renamed = rename_official(state, arch)
-    assert list(renamed) == list(ours)  # same modules, same order
-    load_strict(model, renamed, arch, "test")
-    for (_, value), (_, loaded) in zip(state.items(), model.state_dict().items(), strict=True):
-        assert torch.equal(value, loaded)
+    store, ckpt = tmp_path / "store", tmp_path / "ckpt.pth"
+    torch.save({"epoch": 240, "model": state}, ckpt)
+    protocol = dataclasses.replace(load_protocol("cifar100"), pairs=(PairSpec(teacher=arch, student="resnet8"),))
+    import_teacher(protocol, arch, str(ckpt), fmt="mdistiller", root=store, data_root=str(cifar_root))
+    loaded = torch.load(store / "cifar100" / f"{arch}.pt", weights_only=True)
+    assert list(loaded) == list(ours)
+    for name, value in zip(official, loaded.values(), strict=True):
+        assert torch.equal(state[name], value), name
