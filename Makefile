@@ -19,6 +19,8 @@ TEACHER_EPOCHS ?=
 DATA_ROOT ?=
 RESULTS   ?= results
 FORCE     ?=
+RESUME    ?=
+CKPT_EVERY ?=
 SET       ?=
 VARIANT   ?=
 PYTEST_ARGS ?=
@@ -36,6 +38,7 @@ RUN_ARGS = --method $(METHOD) --protocol $(PROTOCOL) --seeds $(SEEDS) --devices 
 	--accelerator $(ACCELERATOR) --precision $(PRECISION) --results $(RESULTS) \
 	$(if $(PAIR),--pair $(PAIR)) $(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(FORCE),--force) \
 	$(if $(TEACHER_EPOCHS),--teacher-epochs $(TEACHER_EPOCHS)) \
+	$(if $(RESUME),--resume) $(if $(CKPT_EVERY),--checkpoint-every $(CKPT_EVERY)) \
 	$(if $(VARIANT),--variant $(VARIANT)) $(foreach s,$(SET),--set $(s)) \
 	$(if $(TEACHER_CACHE),--teacher-cache $(TEACHER_CACHE)) $(if $(AUGMENT),--augment $(AUGMENT)) \
 	$(if $(CROPS),--crops $(CROPS))

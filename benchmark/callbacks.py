@@ -11,25 +11,57 @@ from lightning.pytorch.callbacks import Callback
 
 
 class EpochHistory(Callback):
-    """After each training epoch (validation has run by then), keep its logged scalars and the lr."""
+    """After each training epoch (validation has run by then), keep its evaluation metrics, the lr and
+    the epoch means of the training loss terms.
+
+    The training means are accumulated here from the module's `last_terms` (sum and count per
+    term, in float64), reduced over all ranks at the epoch end, and saved in checkpoints with the
+    rest of this callback's state — so they are exact after a mid-epoch resume and under DDP,
+    unlike Lightning's own epoch aggregation of logged values (rank 0's, restarted on resume).
+    """
 
     def __init__(self) -> None:
         self.history: list[dict[str, Any]] = []
+        self._sums: dict[str, torch.Tensor] = {}
+        self._count = 0
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        terms = getattr(pl_module, "last_terms", None) or {}
+        n = int(batch["image"].shape[0]) if isinstance(batch, dict) and "image" in batch else 1
+        for key, value in terms.items():
+            total = value.detach().double() * n
+            self._sums[key] = self._sums[key] + total if key in self._sums else total
+        self._count += n
+
+    def _train_means(self, trainer: L.Trainer) -> dict[str, float]:
+        if not self._sums:
+            return {}
+        keys = sorted(self._sums)
+        device = trainer.strategy.root_device
+        sums = torch.stack([torch.as_tensor(self._sums[k], dtype=torch.float64, device=device) for k in keys])
+        totals = torch.cat([sums, torch.tensor([float(self._count)], dtype=torch.float64, device=device)])
+        totals = trainer.strategy.reduce(totals, reduce_op="sum")  # every rank calls this hook
+        self._sums, self._count = {}, 0
+        return {f"train/{k}": round(float(totals[i] / totals[-1]), 6) for i, k in enumerate(keys)}
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         row: dict[str, Any] = {"epoch": trainer.current_epoch}
         for key, value in trainer.callback_metrics.items():
-            if key.startswith(("val/", "test/")) or key.endswith("_epoch"):
+            if key.startswith(("val/", "test/")) or (key.endswith("_epoch") and not key.startswith("train/")):
                 row[key.removesuffix("_epoch")] = round(float(value), 6)
+        row.update(self._train_means(trainer))
         if trainer.optimizers:
             row["lr"] = trainer.optimizers[0].param_groups[0]["lr"]
         self.history.append(row)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"history": self.history}
+        sums = {k: float(v) for k, v in self._sums.items()}  # float64 → float is exact
+        return {"history": self.history, "sums": sums, "count": self._count}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = list(state_dict.get("history", []))
+        self._sums = {k: torch.tensor(v, dtype=torch.float64) for k, v in state_dict.get("sums", {}).items()}
+        self._count = int(state_dict.get("count", 0))
 
 
 class Throughput(Callback):

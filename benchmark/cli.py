@@ -6,8 +6,9 @@
     softlabels --protocol fmnist [--pair T__S] [--crops N] [--limit M]
     list      [methods|protocols|pairs|models|datasets] [--protocol P]
 
-Errors the user can fix print one message and exit with status 2; a run stopped by a non-finite
-loss exits with 3 after writing its `failed` record.
+Errors the user can fix print one message and exit with a status per category: 2 configuration,
+3 non-finite loss (after writing the `failed` record), 4 dataset missing or corrupt, 5 checkpoint
+corrupt or mismatched, 6 results folder unusable; 1 when a run did not finish, 130 on Ctrl-C.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from .errors import USER_ERRORS, BenchmarkError
+from .errors import USER_ERRORS, BenchmarkError, exit_code
 
 console = Console(stderr=True)
 
@@ -81,6 +82,18 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a hyper-parameter")
     run.add_argument("--variant", default=None, help="label for a non-default configuration (default: from --set)")
     run.add_argument("--force", action="store_true", help="replace a finished record")
+    run.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted run from its last checkpoint (exact on CPU); starts afresh if there is none",
+    )
+    run.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=None,
+        metavar="STEPS",
+        help="also checkpoint every STEPS optimizer steps (default: at every epoch end only)",
+    )
     run.add_argument("--no-wandb", action="store_true")
     run.add_argument("--no-progress", action="store_true")
     run.add_argument("--no-overhead", action="store_true", help="skip the overhead-ratio measurement")
@@ -166,6 +179,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         hparams=_parse_sets(args.set),
         variant=args.variant,
         force=args.force or _flag(os.environ.get("FORCE")),
+        resume=args.resume or _flag(os.environ.get("RESUME")),
+        checkpoint_every_n_steps=args.checkpoint_every,
         wandb=not args.no_wandb,
         progress=not args.no_progress and sys.stderr.isatty(),
         measure_overhead=not args.no_overhead,
@@ -434,10 +449,8 @@ def main(argv: list[str] | None = None) -> int:
         }
         return commands[args.command](args)
     except USER_ERRORS as exc:
-        from ..methods import NonFiniteLossError
-
         console.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False)
-        return 3 if isinstance(exc, NonFiniteLossError) else 2
+        return exit_code(exc)
     except KeyboardInterrupt:
         console.print("[bold red]interrupted[/]: the run record says status 'interrupted'")
         return 130

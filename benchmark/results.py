@@ -19,7 +19,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from .errors import BenchmarkError
+from .errors import ResultsError
 
 SCHEMA_VERSION = 1
 STATUSES = ("finished", "failed", "interrupted", "running")
@@ -57,7 +57,11 @@ REQUIRED_FIELDS: dict[str, type | tuple[type, ...]] = {
 _SAFE = re.compile(r"[^A-Za-z0-9_.=,+-]")
 
 
-class RecordExistsError(BenchmarkError):
+class RecordExistsError(ResultsError):
+    pass
+
+
+class RunInProgressError(ResultsError):
     pass
 
 
@@ -98,21 +102,65 @@ def write_json_atomic(path: Path, data: Any) -> None:
         os.close(dir_fd)
 
 
-def check_writable(path: Path, force: bool) -> None:
-    """Refuse to replace a finished record unless `force`; fail early on an unwritable folder."""
-    if path.exists() and not force:
-        try:
-            status = json.loads(path.read_text()).get("status")
-        except (OSError, ValueError):
-            status = "unreadable"
-        if status == "finished":
-            raise RecordExistsError(f"{path} already holds a finished run; pass FORCE=1 (--force) to run it again")
+def process_alive(record: dict[str, Any]) -> bool:
+    """Whether the process that wrote a `running` record still runs (checked on the same host only)."""
+    pid, host = record.get("pid"), record.get("host")
+    if not isinstance(pid, int) or host != platform.node() or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def settle_stale(path: Path) -> dict[str, Any] | None:
+    """The record at `path` (None if absent or unreadable), a stale `running` one rewritten as `interrupted`.
+
+    A run writes a `running` record when it starts and updates it every epoch; a process killed
+    outright (SIGKILL, out of memory, node failure) cannot record its end, so the next command that
+    finds its record settles it. A `running` record whose process is alive is refused.
+    """
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or record.get("status") != "running":
+        return record
+    if process_alive(record):
+        raise RunInProgressError(
+            f"{path} belongs to a run still in progress (pid {record['pid']} on {record['host']}); "
+            "wait for it or stop it first"
+        )
+    record["status"] = "interrupted"
+    record["error"] = {
+        "type": "Killed",
+        "message": "the process ended without recording an outcome (SIGKILL, out of memory, node failure); "
+        "the record holds what was saved at the last epoch end — resume with RESUME=1",
+    }
+    write_json_atomic(path, record)
+    return record
+
+
+def check_writable(path: Path, force: bool) -> dict[str, Any] | None:
+    """Fail early on an unwritable folder; settle a stale `running` record; refuse to replace a
+    finished record unless `force`. Returns the existing record (None if there is none)."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".probe"):
             pass
     except OSError as exc:
-        raise BenchmarkError(f"cannot write run records to {path.parent}: {exc.strerror or exc}") from None
+        raise ResultsError(
+            f"cannot write run records to {path.parent}: {exc.strerror or exc}; choose another RESULTS folder"
+        ) from None
+    record = settle_stale(path)
+    if path.exists() and not force:
+        status = record.get("status") if isinstance(record, dict) else "unreadable"
+        if status == "finished":
+            raise RecordExistsError(f"{path} already holds a finished run; pass FORCE=1 (--force) to run it again")
+    return record
 
 
 def set_aside(path: Path) -> Path | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import platform
 import time
 import traceback
 import uuid
@@ -19,10 +20,12 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from ..datasets import create_datamodule
+from ..datasets import create_datamodule, get_datamodule_class
 from ..methods import FrozenTeacher, NonFiniteLossError, StageContext, get_method
 from . import cost
+from .checkpointing import RecordProgress, check_checkpoint_fits, find_resume_point, resume_checkpoint
 from .errors import BenchmarkError
 from .protocol import Protocol, load_protocol
 from .results import (
@@ -39,7 +42,7 @@ from .results import (
 from .soft_labels import StoreDataModule, ensure_store
 from .teachers import ensure_teacher
 from .trainer import build_trainer, make_loggers, resolve_accelerator
-from .zoo import create_model
+from .zoo import UnknownModelError, create_model, is_model
 
 
 @dataclass
@@ -60,6 +63,8 @@ class RunRequest:
     hparams: dict[str, Any] = field(default_factory=dict)
     variant: str | None = None
     force: bool = False
+    resume: bool = False
+    checkpoint_every_n_steps: int | None = None
     wandb: bool = True
     progress: bool = True
     measure_overhead: bool = True
@@ -143,6 +148,14 @@ def resolve(request: RunRequest) -> ResolvedRun:
             f"DEVICES={request.devices} but only {available} "
             f"{resolve_accelerator(request.accelerator)} device(s) are available"
         )
+    get_datamodule_class(protocol.dataset.name)
+    roles = {"student": pair.student, **({"teacher": pair.teacher} if spec.needs_teacher else {})}
+    for role, arch in roles.items():
+        if not is_model(arch):
+            try:
+                create_model(arch)
+            except UnknownModelError as exc:  # says what the zoo and timm hold, with close names
+                raise UnknownModelError(f"pair {pair.name!r} of protocol {protocol.name!r}: {role} {exc}") from None
     pair_label = pair.name if spec.needs_teacher else f"none__{pair.student}"
     path = record_path(request.results, protocol.name, request.method, variant, pair_label, request.seed)
     return ResolvedRun(request, protocol, spec, pair, hparams, variant, pair_label, path)
@@ -175,20 +188,47 @@ def run(request: RunRequest, say=print) -> dict[str, Any]:
     r = resolve(request)
     # torchrun sets RANK/LOCAL_RANK, Lightning's own launcher LOCAL_RANK/NODE_RANK, srun SLURM_PROCID
     is_worker = any(os.environ.get(v, "0") != "0" for v in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))
-    if not is_worker:
-        check_writable(r.path, request.force)
-        set_aside(r.path)  # a failed, interrupted or forced-over run is kept beside the new one
+    prior, ckpt_path, ckpt_info = None, None, {}
+    if is_worker:  # rank 0 has checked and set everything up before launching this process
+        if request.resume and resume_checkpoint(r).is_file():
+            ckpt_path = resume_checkpoint(r)
+    else:
+        existing = check_writable(r.path, request.force or request.resume)
+        if request.resume and existing is not None and not request.force:
+            if existing.get("status") == "finished":
+                say(f"{r.path} is already finished: nothing to resume")
+                return existing
+            found = find_resume_point(r, existing)
+            if found is not None:
+                (ckpt_path, ckpt_info), prior = found, existing
+        if prior is None and request.resume:
+            say("no checkpoint to resume from: starting from scratch")
     protocol, pair, seed = r.protocol, r.pair, request.seed
-    run_id = os.environ.get("DISTILLBENCH_RUN_ID") or uuid.uuid4().hex[:12]
+    if is_worker:
+        run_id = os.environ.get("DISTILLBENCH_RUN_ID") or uuid.uuid4().hex[:12]
+    else:  # a resumed run keeps its id (and so its W&B run)
+        run_id = prior["run_id"] if prior and prior.get("run_id") else uuid.uuid4().hex[:12]
     os.environ["DISTILLBENCH_RUN_ID"] = run_id  # DDP workers re-run this command: share the id
 
     datamodule = make_datamodule(protocol, seed=seed, data_root=request.data_root)
+    datamodule.setup()  # a missing or corrupt dataset fails here, before anything is written
     num_classes = datamodule.num_classes
     teacher, teacher_info = _build_teacher(r, datamodule, say) if r.spec.needs_teacher else (None, None)
     L.seed_everything(seed, workers=True, verbose=False)  # after any teacher training: same init either way
     student = create_model(pair.student, num_classes=num_classes, in_chans=protocol.input.channels)
     record = _new_record(r, run_id, teacher_info, student)
+    if prior is not None:
+        record["started_at"] = prior.get("started_at", record["started_at"])
+        point = {k: v for k, v in ckpt_info.items() if k != "shapes"}
+        record["resumes"] = [*prior.get("resumes", []), {"at": now_iso(), "checkpoint": point}]
+        say(f"resuming {r.path.name} (run {run_id}) from {ckpt_path}")
+    previous_time = float((prior or {}).get("train_time_s") or 0.0)
 
+    if not is_worker:
+        if prior is None:  # only now that data and teacher loaded: a bad input leaves existing files alone
+            set_aside(r.path)  # a failed, interrupted or forced-over run is kept beside the new one
+        r.run_dir.mkdir(parents=True, exist_ok=True)
+        save_record(r.path, record)  # `running`: a killed process leaves a record the next command settles
     r.run_dir.mkdir(parents=True, exist_ok=True)
     config = {
         k: record[k]
@@ -215,6 +255,7 @@ def run(request: RunRequest, say=print) -> dict[str, Any]:
         tags=[protocol.name, request.method, pair.student],
         use_wandb=request.wandb,
     )
+    start = time.perf_counter()
     trainer, history, throughput = build_trainer(
         r.run_dir,
         accelerator=request.accelerator,
@@ -224,6 +265,9 @@ def run(request: RunRequest, say=print) -> dict[str, Any]:
         epochs=protocol.epochs,
         loggers=loggers,
         progress=request.progress,
+        seed=seed,
+        checkpoint_every_n_steps=request.checkpoint_every_n_steps,
+        callbacks=[RecordProgress(r.path, record, lambda: previous_time + time.perf_counter() - start)],
     )
     context = StageContext(
         method=request.method,
@@ -269,7 +313,9 @@ def run(request: RunRequest, say=print) -> dict[str, Any]:
             artifacts=context.artifacts,
         )
         record["adapter_params"] = cost.count_params(module.adapter_parameters())
-        trainer.fit(module, datamodule)
+        if ckpt_info:
+            check_checkpoint_fits(ckpt_path, ckpt_info["shapes"], module)
+        trainer.fit(module, datamodule, ckpt_path=ckpt_path, weights_only=True)
         record["status"] = "interrupted" if trainer.interrupted else "finished"
     except NonFiniteLossError as exc:
         record.update(
@@ -279,14 +325,14 @@ def run(request: RunRequest, say=print) -> dict[str, Any]:
         raise
     except BaseException as exc:
         # Lightning turns Ctrl-C into a graceful shutdown followed by SystemExit; the trainer knows
-        interrupted = trainer.interrupted or isinstance(exc, KeyboardInterrupt)
+        interrupted = trainer.interrupted or isinstance(exc, KeyboardInterrupt | SIGTERMException)
         record.update(
             status="interrupted" if interrupted else "failed",
             error={"type": type(exc).__name__, "message": str(exc), "traceback": traceback.format_exc(limit=8)},
         )
         raise
     finally:
-        record["train_time_s"] = round(time.perf_counter() - start, 2)
+        record["train_time_s"] = round(previous_time + time.perf_counter() - start, 2)
         try:
             _finish_record(
                 record, trainer, history, throughput, module, datamodule, student, input_shape, loggers, request, r, say
@@ -400,6 +446,8 @@ def _new_record(r: ResolvedRun, run_id: str, teacher_info: dict | None, student)
         "teacher_source": "live" if teacher_info else None,
         "started_at": now_iso(),
         "finished_at": None,
+        "pid": os.getpid(),
+        "host": platform.node(),
         "error": None,
     }
 

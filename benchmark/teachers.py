@@ -20,7 +20,7 @@ import lightning as L
 import torch
 
 from ..methods.vanilla import Vanilla
-from .errors import BenchmarkError
+from .errors import CheckpointProblem
 from .protocol import Protocol
 from .results import git_commit, now_iso, write_json_atomic
 from .zoo import create_model
@@ -28,7 +28,7 @@ from .zoo import create_model
 SIDECAR_SCHEMA = 1
 
 
-class TeacherError(BenchmarkError):
+class TeacherError(CheckpointProblem):
     pass
 
 

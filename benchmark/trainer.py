@@ -10,10 +10,11 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 
 from .callbacks import EpochHistory, Throughput
+from .checkpointing import AtomicCheckpointIO, EpochRNG, LastCheckpoint
 
 WANDB_PROJECT = "distillbench"
 
@@ -86,14 +87,22 @@ def build_trainer(
     progress: bool = True,
     checkpoint: bool = True,
     deterministic: bool | None = None,
+    seed: int | None = None,
+    checkpoint_every_n_steps: int | None = None,
+    callbacks: list[Any] | None = None,
 ) -> tuple[L.Trainer, EpochHistory, Throughput]:
+    """`checkpoint`: keep `<run_dir>/checkpoints/last.ckpt` (every epoch end, and every
+    `checkpoint_every_n_steps` optimizer steps when given) for exact resume; `seed`: re-seed the
+    global RNGs at every epoch start (`EpochRNG`) so a resumed run draws what an uninterrupted one would."""
     accelerator = resolve_accelerator(accelerator)
     history, throughput = EpochHistory(), Throughput()
-    callbacks: list[Any] = [history, throughput]
+    callbacks = [history, throughput, *(callbacks or [])]
+    if seed is not None:
+        callbacks.append(EpochRNG(seed))
     if progress:
         callbacks.append(RichProgressBar(leave=True))
     if checkpoint:
-        callbacks.append(ModelCheckpoint(dirpath=str(Path(run_dir) / "checkpoints"), save_last=True, save_top_k=0))
+        callbacks.append(LastCheckpoint(Path(run_dir) / "checkpoints", every_n_steps=checkpoint_every_n_steps))
     if deterministic is None:
         deterministic = accelerator == "cpu"  # bit-exact on CPU; cuDNN autotuning stays on for GPU runs
     quiet_third_party()
@@ -113,5 +122,6 @@ def build_trainer(
         deterministic=deterministic,
         default_root_dir=str(run_dir),
         log_every_n_steps=10,
+        plugins=[AtomicCheckpointIO()],
     )
     return trainer, history, throughput

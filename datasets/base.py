@@ -25,6 +25,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
 from . import augment
 from .augment import eval_spec
 from .errors import DatasetError
+from .resumable import ResumableLoader
 
 
 def _identity(batch: Any) -> Any:
@@ -233,13 +234,20 @@ class ArrayDataModule(L.LightningDataModule):
             drop_last=train,
             seed=self.seed,
         )
-        return DataLoader(
+        cls, extra = (ResumableLoader, {"progress": self._batches_done}) if train else (DataLoader, {})
+        return cls(
             dataset,
             batch_sampler=BatchSampler(sampler, batch_size=batch // world, drop_last=False),
             collate_fn=_identity,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            **extra,
         )
+
+    def _batches_done(self) -> int:
+        """Training batches of the current epoch already trained on (saved in checkpoints for exact resume)."""
+        trainer = getattr(self, "trainer", None)
+        return trainer.fit_loop.epoch_loop.batch_progress.current.processed if trainer is not None else 0
 
     def train_dataloader(self) -> DataLoader:
         self.setup()

@@ -191,6 +191,8 @@ class DistillModule(L.LightningModule):
             raise NonFiniteLossError(
                 self.global_step, self.current_epoch, {k: float(v.detach()) for k, v in terms.items()}
             )
+        # the step's terms, for callbacks that keep exact (resumable, all-rank) epoch means
+        self.last_terms = {**{k: v.detach() for k, v in terms.items()}, "loss": loss.detach()}
         for key, value in terms.items():
             self.log(f"train/{key}", value.detach(), on_step=True, on_epoch=True, batch_size=self._batch_size)
         self.log("train/loss", loss.detach(), on_step=True, on_epoch=True, prog_bar=True, batch_size=self._batch_size)

@@ -136,7 +136,7 @@ def test_finished_run_is_not_overwritten(tiny_protocol_path, teacher_store, tmp_
     ]
     assert main(args) == 0
     before = (tmp_path / "tinydigits/vanilla/none__resnet8/seed0.json").read_text()
-    assert main(args) == 2
+    assert main(args) == 6  # results category (see README "Reliability")
     assert "already holds a finished run" in capsys.readouterr().err
     assert (tmp_path / "tinydigits/vanilla/none__resnet8/seed0.json").read_text() == before
 
