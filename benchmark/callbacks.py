@@ -79,6 +79,8 @@ class Throughput(Callback):
         self.data_time = 0.0
         self._start = 0.0
         self._prev_end: float | None = None
+        self.per_device_batch: int | None = None
+        self.world_size = 1
 
     def _now(self, trainer: L.Trainer) -> float:
         if trainer.strategy.root_device.type == "cuda":
@@ -89,6 +91,9 @@ class Throughput(Callback):
         self._prev_end = None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.per_device_batch is None:  # what each rank really receives: global batch / world size
+            self.per_device_batch = int(batch["image"].shape[0])
+            self.world_size = trainer.world_size
         self._start = self._now(trainer)
         self._data_gap = self._start - self._prev_end if self._prev_end is not None else None
 
@@ -104,10 +109,15 @@ class Throughput(Callback):
         self.images += int(batch["image"].shape[0]) * trainer.world_size
 
     def summary(self) -> dict[str, float | None]:
+        batch = {
+            "per_device_batch": self.per_device_batch,
+            "global_batch": self.per_device_batch * self.world_size if self.per_device_batch else None,
+        }
         timed = max(self.steps - self.warmup, 0)
         if timed == 0:
-            return {"throughput_img_s": None, "step_time_ms": None, "data_time_ms": None}
+            return {"throughput_img_s": None, "step_time_ms": None, "data_time_ms": None, **batch}
         return {
+            **batch,
             "throughput_img_s": round(self.images / (self.step_time + self.data_time), 2),
             "step_time_ms": round(1000 * self.step_time / timed, 3),
             "data_time_ms": round(1000 * self.data_time / timed, 3),

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from .errors import CheckpointProblem
 
@@ -111,6 +112,12 @@ class LastCheckpoint(ModelCheckpoint):
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         pass
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        # SIGTERM (preemption, `scancel`, `kill`) stops Lightning between two steps: keep every step done.
+        # Not Ctrl-C: it can land inside an optimizer step.
+        if isinstance(exception, SIGTERMException):
+            self._save(trainer)
 
 
 # -- RNG ---------------------------------------------------------------------------------------

@@ -8,7 +8,8 @@
 
 Errors the user can fix print one message and exit with a status per category: 2 configuration,
 3 non-finite loss (after writing the `failed` record), 4 dataset missing or corrupt, 5 checkpoint
-corrupt or mismatched, 6 results folder unusable; 1 when a run did not finish, 130 on Ctrl-C.
+corrupt or mismatched, 6 results folder unusable; 1 when a run did not finish, 130 on Ctrl-C, 143 on
+SIGTERM (after checkpointing the last step: continue with --resume).
 """
 
 from __future__ import annotations
@@ -454,3 +455,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         console.print("[bold red]interrupted[/]: the run record says status 'interrupted'")
         return 130
+    except SystemExit as exc:
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        if not isinstance(exc, SIGTERMException):
+            raise
+        # Lightning stopped at a step boundary and the last checkpoint holds that step
+        console.print("[bold red]terminated[/]: the run record says 'interrupted'; continue it with RESUME=1")
+        return 143

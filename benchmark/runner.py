@@ -41,7 +41,7 @@ from .results import (
 )
 from .soft_labels import StoreDataModule, ensure_store
 from .teachers import ensure_teacher
-from .trainer import build_trainer, make_loggers, resolve_accelerator
+from .trainer import build_trainer, make_loggers, resolve_accelerator, uses_sync_batchnorm
 from .zoo import UnknownModelError, create_model, is_model
 
 
@@ -432,6 +432,7 @@ def _new_record(r: ResolvedRun, run_id: str, teacher_info: dict | None, student)
         "history": [],
         "epochs": protocol.epochs,
         "world_size": request.devices * request.num_nodes,
+        "sync_batchnorm": uses_sync_batchnorm(request.accelerator, request.devices * request.num_nodes),
         "precision": request.precision,
         "optimizer": protocol.optimizer_for(pair),
         "schedule": protocol.schedule,

@@ -25,6 +25,13 @@ def resolve_accelerator(accelerator: str) -> str:
     return "gpu" if torch.cuda.is_available() else "cpu"
 
 
+def uses_sync_batchnorm(accelerator: str, world_size: int) -> bool:
+    """Multi-GPU runs normalise with the statistics of the whole global batch (SyncBatchNorm), so
+    the device count does not change what BatchNorm sees. torch has no CPU SyncBatchNorm: CPU DDP
+    runs normalise per device."""
+    return world_size > 1 and resolve_accelerator(accelerator) in ("gpu", "cuda")
+
+
 def wandb_mode() -> str:
     """`WANDB_MODE` when set; otherwise online with an API key, offline without (no key needed)."""
     return os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
@@ -119,6 +126,7 @@ def build_trainer(
         enable_model_summary=False,
         num_sanity_val_steps=0,
         use_distributed_sampler=False,  # the DataModule shards the global batch itself
+        sync_batchnorm=uses_sync_batchnorm(accelerator, devices * num_nodes),
         deterministic=deterministic,
         default_root_dir=str(run_dir),
         log_every_n_steps=10,

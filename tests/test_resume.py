@@ -14,8 +14,8 @@ import pytest
 import torch
 from distillbench.benchmark.runner import RunRequest, run
 
-# Runs the CLI with one extra Lightning callback that SIGKILLs the process after optimizer step N:
-# a real, uncatchable kill at a reproducible point (no test hook in the suite's own code).
+# Runs the CLI with one extra Lightning callback that sends the process a signal after optimizer step N:
+# a real kill at a reproducible point (no test hook in the suite's own code).
 KILLER = textwrap.dedent(
     """
     import os, signal, sys
@@ -25,8 +25,8 @@ KILLER = textwrap.dedent(
 
     class KillAt(Callback):
         def on_train_batch_end(self, trainer, *args):
-            if trainer.global_step >= int(os.environ["KILL_AT_STEP"]):
-                os.kill(os.getpid(), signal.SIGKILL)
+            if trainer.global_step == int(os.environ["KILL_AT_STEP"]):
+                os.kill(os.getpid(), getattr(signal, os.environ["KILL_SIGNAL"]))
 
     build = runner.build_trainer
     runner.build_trainer = lambda *a, **kw: build(*a, **{**kw, "callbacks": [*kw["callbacks"], KillAt()]})
@@ -58,29 +58,44 @@ def _final_state(results):
     return ckpt["state_dict"], ckpt["optimizer_states"][0]["state"], ckpt["global_step"]
 
 
-def test_sigkilled_run_resumes_bit_exact(tiny_protocol_path, teacher_store, tmp_path):
-    reference = run(_request(tiny_protocol_path, teacher_store, tmp_path / "a"), say=lambda m: None)
+@pytest.fixture(scope="module")
+def reference(tiny_protocol_path, teacher_store, tmp_path_factory):
+    """The run never interrupted: its record and final checkpoint."""
+    results = tmp_path_factory.mktemp("reference")
+    return run(_request(tiny_protocol_path, teacher_store, results), say=lambda m: None), results
 
+
+# SIGKILL: nothing runs after the kill, the last checkpoint is step 20 (3 batches into epoch 1), the record
+# stays `running` until the resume settles it. SIGTERM (preemption): Lightning stops after the step and
+# checkpoints it, the record says `interrupted`, the CLI exits 143.
+@pytest.mark.parametrize(
+    ("signame", "exit_status", "status_after_kill", "checkpoint_step"),
+    [("SIGKILL", -signal.SIGKILL, "running", 20), ("SIGTERM", 143, "interrupted", KILL_AT)],
+)
+def test_killed_run_resumes_bit_exact(
+    signame, exit_status, status_after_kill, checkpoint_step, reference, tiny_protocol_path, teacher_store, tmp_path
+):
+    reference_record, reference_results = reference
     killed = tmp_path / "b"
     cmd = [
         sys.executable, "-c", KILLER, "run", "--method", "kd", "--protocol", str(tiny_protocol_path),
         "--teachers", str(teacher_store), "--results", str(killed), "--checkpoint-every", str(CKPT_EVERY),
         "--no-wandb", "--no-progress", "--no-overhead",
     ]  # fmt: skip
-    env = {**os.environ, "KILL_AT_STEP": str(KILL_AT)}
+    env = {**os.environ, "KILL_AT_STEP": str(KILL_AT), "KILL_SIGNAL": signame}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert proc.returncode == exit_status, proc.stderr[-2000:]
     path = killed / "tinydigits/kd/resnet14__resnet8/seed0.json"
     on_disk = json.loads(path.read_text())
-    assert on_disk["status"] == "running" and len(on_disk["history"]) == 1  # epoch 0 was recorded
-    assert _final_state(killed)[2] == 20  # the mid-epoch checkpoint
+    assert on_disk["status"] == status_after_kill and len(on_disk["history"]) == 1  # epoch 0 was recorded
+    assert _final_state(killed)[2] == checkpoint_step  # mid-epoch
 
     resumed = run(_request(tiny_protocol_path, teacher_store, killed, resume=True), say=lambda m: None)
     assert resumed["status"] == "finished" and resumed["run_id"] == on_disk["run_id"]
-    assert resumed["resumes"][0]["checkpoint"]["global_step"] == 20
-    assert resumed["history"] == reference["history"]
-    assert resumed["metrics"] == reference["metrics"]
-    weights_a, optim_a, step_a = _final_state(tmp_path / "a")
+    assert resumed["resumes"][0]["checkpoint"]["global_step"] == checkpoint_step
+    assert resumed["history"] == reference_record["history"]
+    assert resumed["metrics"] == reference_record["metrics"]
+    weights_a, optim_a, step_a = _final_state(reference_results)
     weights_b, optim_b, step_b = _final_state(killed)
     assert step_a == step_b == 2 * STEPS_PER_EPOCH
     assert weights_a.keys() == weights_b.keys()
