@@ -253,7 +253,7 @@ def finished_record_exists(world, monkeypatch):
 
 CASES = [
     (unknown_method, 2, "unknown method 'kdd' (did you mean 'kd'?); registered methods:"),
-    (unknown_protocol, 2, "unknown protocol 'cifar1000'; available: digits, fmnist"),
+    (unknown_protocol, 2, "unknown protocol 'cifar1000'; available: "),
     (unknown_pair, 2, "protocol 'tinydigits' has no pair 'x__y'; valid pairs: resnet14__resnet8"),
     (unknown_model, 2, "pair 'resnet14__resnet8x' of protocol 'tinydigits': student unknown model 'resnet8x'"),
     (malformed_yaml, 2, "broken.yaml: malformed YAML"),
