@@ -196,5 +196,5 @@ def test_softlabels_command_builds_a_partial_store_and_checks_it(store_protocol,
     assert main([*args, "--limit", "40", "--crops", "2", "--verify", "8", "--out", str(tmp_path / "s")]) == 0
     out = capsys.readouterr().out
     assert "40 images × 2 crops" in out and '"topk_indices_equal": 1.0' in out
-    assert main([*args, "--limit", "40", "--crops", "3", "--out", str(tmp_path / "s")]) == 2
+    assert main([*args, "--limit", "40", "--crops", "3", "--out", str(tmp_path / "s")]) == 4  # data category
     assert "does not match this run (num_crops: store 2 ≠ run 3)" in " ".join(capsys.readouterr().err.split())
