@@ -30,6 +30,8 @@ CROPS     ?=
 LIMIT     ?=
 TEACHER   ?=
 BUDGET    ?=
+OUT       ?= leaderboards
+WANDB     ?=
 
 export DISTILLBENCH_TEACHERS ?= $(CURDIR)/teachers
 export DATA_ROOT
@@ -43,7 +45,7 @@ RUN_ARGS = --method $(METHOD) --protocol $(PROTOCOL) --seeds $(SEEDS) --devices 
 	$(if $(TEACHER_CACHE),--teacher-cache $(TEACHER_CACHE)) $(if $(AUGMENT),--augment $(AUGMENT)) \
 	$(if $(CROPS),--crops $(CROPS))
 
-.PHONY: install bench search teachers softlabels test lint list clean-venv
+.PHONY: install bench search teachers softlabels leaderboard test lint list clean-venv
 
 install: $(STAMP)
 
@@ -69,6 +71,11 @@ teachers: $(STAMP)
 softlabels: $(STAMP)
 	$(PY) -m distillbench.benchmark softlabels --protocol $(PROTOCOL) --accelerator $(ACCELERATOR) \
 		$(if $(PAIR),--pair $(PAIR)) $(if $(CROPS),--crops $(CROPS)) $(if $(LIMIT),--limit $(LIMIT))
+
+# PROTOCOL filters only when given explicitly (its default, digits, is for `make bench`)
+leaderboard: $(STAMP)
+	$(PY) -m distillbench.leaderboards build --results $(RESULTS) --out $(OUT) \
+		$(if $(filter command line environment,$(origin PROTOCOL)),--protocol $(PROTOCOL)) $(if $(WANDB),--wandb)
 
 list: $(STAMP)
 	$(PY) -m distillbench.benchmark list methods
