@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
-
-import yaml
 
 from ..benchmark.errors import BenchmarkError
 from .collect import Leaderboard, collect
 from .render import plot, to_csv, to_html, to_latex, to_markdown
+from .reported import load_reported
 
-DEFAULT_REPORTED = Path(__file__).resolve().parent / "reported.yaml"
 SUFFIXES = (".md", ".tex", ".csv", ".html", ".png")
 
 
@@ -19,40 +16,19 @@ class LeaderboardError(BenchmarkError):
     pass
 
 
-def read_reported(path: Path | None) -> list[dict[str, Any]]:
-    """Paper-reported numbers: a YAML list (or `{entries: [...]}`) of {protocol, teacher, student,
-    method, top1, source, verified}; a missing default file means no reported numbers."""
-    if path is None or not Path(path).exists():
-        if path is not None and Path(path) != DEFAULT_REPORTED:
-            raise LeaderboardError(f"reported numbers file {path} does not exist")
-        return []
-    try:
-        data = yaml.safe_load(Path(path).read_text())
-    except yaml.YAMLError as exc:
-        raise LeaderboardError(f"{path}: not valid YAML ({exc})") from None
-    entries = data.get("entries", data.get("reported")) if isinstance(data, dict) else data
-    if not isinstance(entries, list):
-        raise LeaderboardError(f"{path}: expected a list of reported numbers")
-    for i, entry in enumerate(entries):
-        missing = [k for k in ("protocol", "teacher", "student", "method", "top1") if k not in (entry or {})]
-        if missing:
-            raise LeaderboardError(f"{path}: entry {i} lacks {', '.join(missing)}")
-    return entries
-
-
 def build(
     results: str | Path,
     out: str | Path,
     *,
     protocols: list[str] | None = None,
-    reported: Path | None = DEFAULT_REPORTED,
+    reported: str | Path | None = None,
     command: str = "",
     png: bool = True,
 ) -> dict[str, Leaderboard]:
     results, out = Path(results), Path(out)
     if not results.is_dir():
         raise LeaderboardError(f"no results folder {results} (run `make bench ... RESULTS={results}` first)")
-    boards = collect(results, read_reported(reported))
+    boards = collect(results, load_reported(reported))
     if protocols:
         unknown = sorted(set(protocols) - set(boards))
         if unknown:

@@ -10,13 +10,12 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
-from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
 from ..benchmark.errors import USER_ERRORS
-from .build import DEFAULT_REPORTED, build
+from .build import build
 from .render import top1_text
 
 console = Console(stderr=True)
@@ -29,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--results", default="results", help="folder of run records (default: results)")
     b.add_argument("--out", default="leaderboards", help="where the tables go (default: leaderboards)")
     b.add_argument("--protocol", action="append", default=None, help="only this protocol (repeatable)")
-    b.add_argument("--reported", default=str(DEFAULT_REPORTED), help="paper-reported numbers (YAML)")
+    b.add_argument("--reported", default=None, help="paper-reported numbers (default: leaderboards/reported.yaml)")
     b.add_argument("--no-png", action="store_true", help="skip the plot")
     b.add_argument("--wandb", action="store_true", help="also log each table to W&B as a wandb.Table artifact")
     b.add_argument("--wandb-dir", default=".", help="where the W&B run folder goes (default: ./wandb)")
@@ -48,7 +47,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         args.results,
         args.out,
         protocols=args.protocol,
-        reported=Path(args.reported),
+        reported=args.reported,
         command=_command(args),
         png=not args.no_png,
     )

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..benchmark.results import load_record, method_label
+from .reported import ReportedResult
 
 NO_TEACHER = "—"
 
@@ -60,6 +61,7 @@ class Row:
     reported_top1: float | None = None
     reported_source: str = ""
     reported_verified: bool | None = None
+    has_teacher: bool = True
     paths: list[str] = field(default_factory=list)
 
     @property
@@ -122,7 +124,7 @@ def _one(values: list[Any]) -> Any:
     return distinct.pop() if len(distinct) == 1 else None
 
 
-def collect(results: str | Path, reported: list[dict[str, Any]] | None = None) -> dict[str, Leaderboard]:
+def collect(results: str | Path, reported: list[ReportedResult] | None = None) -> dict[str, Leaderboard]:
     """Read every record under `results` and return one leaderboard per protocol name."""
     results = Path(results)
     excluded: list[Excluded] = []
@@ -196,6 +198,7 @@ def _row(key: tuple, entries: list[tuple[dict[str, Any], str]]) -> Row:
         overhead_vs_student=_mean([r["overhead_vs_student"] for r in recs]),
         peak_mem_mb=max((r["peak_mem_mb"] for r in recs if r["peak_mem_mb"] is not None), default=None),
         train_time_s=_mean([r["train_time_s"] for r in recs]),
+        has_teacher=teacher != NO_TEACHER,
         paths=[p for _, p in entries],
     )
 
@@ -227,14 +230,20 @@ def _rank(rows: list[Row]) -> None:
             row.rank = 1 + sum(other.top1_mean > row.top1_mean for other in members)
 
 
-def _set_reported(rows: list[Row], reported: list[dict[str, Any]]) -> None:
-    index = {(e["protocol"], e["teacher"], e["student"], e["method"]): e for e in reported}
+def _set_reported(rows: list[Row], reported: list[ReportedResult]) -> None:
+    """Match (protocol, teacher, student, method); a teacher-less row matches a `teacher: null` entry.
+
+    Where several sources report the same cell, a verified number is preferred, then file order.
+    """
+    index: dict[tuple, ReportedResult] = {}
+    for entry in sorted(reported, key=lambda e: not e.verified):
+        index.setdefault((entry.protocol, entry.teacher, entry.student, entry.method), entry)
     for row in rows:
-        entry = index.get((row.protocol, row.teacher, row.student, row.method))
+        entry = index.get((row.protocol, row.teacher if row.has_teacher else None, row.student, row.method))
         if entry is not None:
-            row.reported_top1 = float(entry["top1"])
-            row.reported_source = str(entry.get("source", ""))
-            row.reported_verified = entry.get("verified")
+            row.reported_top1 = entry.top1
+            row.reported_source = entry.citation
+            row.reported_verified = entry.verified
 
 
 def _row_order(row: Row) -> tuple:

@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 from distillbench.benchmark.results import record_path, write_json_atomic
-from distillbench.leaderboards.build import LeaderboardError, build, read_reported
+from distillbench.leaderboards.build import build
 from distillbench.leaderboards.cli import main
 from distillbench.leaderboards.collect import collect
 from distillbench.leaderboards.render import to_csv
+from distillbench.leaderboards.reported import load_reported
 
 from tests.test_records import good_record
 
@@ -114,21 +115,28 @@ def test_invalid_failed_and_duplicate_records_are_listed_not_dropped(results, tm
 def test_reported_numbers_and_delta(results, tmp_path):
     reported = tmp_path / "reported.yaml"
     reported.write_text(
-        "- {protocol: digits, teacher: resnet20, student: resnet8, method: kd, top1: 90.0, "
-        "source: 'a paper, Table 1', verified: false}\n"
+        "schema_version: 1\n"
+        "sources: {paper: 'a paper, Table 1', other: 'another paper'}\n"
+        "results:\n"
+        "  - {protocol: digits, teacher: resnet20, student: resnet8, method: kd, top1: 89.0, source: other,"
+        " verified: false}\n"
+        "  - {protocol: digits, teacher: resnet20, student: resnet8, method: kd, top1: 90.0, source: paper,"
+        " verified: true}\n"
+        "  - {protocol: digits, teacher: null, student: resnet8, method: vanilla, top1: 88.0, source: paper,"
+        " verified: true}\n"
     )
-    board = collect(results, read_reported(reported))["digits"]
-    kd = next(r for r in board.rows if r.method == "kd")
-    assert kd.delta_vs_reported == pytest.approx(274 / 3 - 90.0)
-    assert kd.reported_source == "a paper, Table 1"
-    row = next(csv.DictReader(io.StringIO(to_csv(board))))
-    assert row["method"] == "dkd" and row["reported_top1"] == ""
-    kd_csv = next(r for r in csv.DictReader(io.StringIO(to_csv(board))) if r["method"] == "kd")
-    assert float(kd_csv["delta_vs_reported"]) == pytest.approx(1.3333, abs=1e-4)
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("- {protocol: digits, method: kd}\n")
-    with pytest.raises(LeaderboardError, match="lacks teacher, student, top1"):
-        read_reported(bad)
+    board = collect(results, load_reported(reported))["digits"]
+    rows = {r.method: r for r in board.rows}
+    assert rows["kd"].delta_vs_reported == pytest.approx(274 / 3 - 90.0)  # the verified number wins
+    assert rows["kd"].reported_source == "a paper, Table 1" and rows["kd"].reported_verified is True
+    assert rows["vanilla"].delta_vs_reported == pytest.approx(0.5)  # teacher-less: matches `teacher: null`
+    assert rows["dkd"].reported_top1 is None
+    table = {r["method"]: r for r in csv.DictReader(io.StringIO(to_csv(board)))}
+    assert table["dkd"]["reported_top1"] == "" and table["kd"]["reported_verified"] == "true"
+    assert float(table["kd"]["delta_vs_reported"]) == pytest.approx(1.3333, abs=1e-4)
+    out = tmp_path / "out"
+    build(results, out, reported=reported)
+    assert "+1.33 (vs 90.00)" in (out / "digits.md").read_text()
 
 
 def test_outputs(results, tmp_path):
