@@ -4,6 +4,7 @@
     teachers  --protocol fmnist [--arch resnet20] [--force] [--teacher-epochs N]
     teachers import --protocol cifar100 --arch resnet32x4 --checkpoint FILE|TIMM_TAG [--format auto|mdistiller|...]
     softlabels --protocol fmnist [--pair T__S] [--crops N] [--limit M]
+    cost      --method kd [--protocol digits] [--pair T__S] [--steps 20]   (step-time split)
     list      [methods|protocols|pairs|models|datasets] [--protocol P]
 
 Errors the user can fix print one message and exit with a status per category: 2 configuration,
@@ -150,6 +151,17 @@ def build_parser() -> argparse.ArgumentParser:
     from .rankstudy import add_parser as add_rankstudy
 
     add_rankstudy(sub)
+    cost = sub.add_parser("cost", help="split a method's training step time: data / teacher / student / optimizer")
+    cost.add_argument("--method", required=True)
+    cost.add_argument("--protocol", default="digits")
+    cost.add_argument("--pair", default=None)
+    cost.add_argument("--seed", type=int, default=0)
+    cost.add_argument("--accelerator", default="auto")
+    cost.add_argument("--teachers", default=None)
+    cost.add_argument("--data-root", default=None)
+    cost.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    cost.add_argument("--steps", type=int, default=20, help="timed steps (after --warmup untimed ones)")
+    cost.add_argument("--warmup", type=int, default=3)
 
     lister = sub.add_parser("list", help="list methods, protocols, pairs, models or datasets")
     lister.add_argument(
@@ -412,6 +424,52 @@ def cmd_rankstudy(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cost(args: argparse.Namespace) -> int:
+    from .costbench import PARTS, measure
+    from .runner import RunRequest
+
+    if args.steps < 1 or args.warmup < 0:
+        raise BenchmarkError("--steps must be ≥ 1 and --warmup ≥ 0")
+    request = RunRequest(
+        method=args.method,
+        protocol=args.protocol,
+        pair=args.pair,
+        seed=args.seed,
+        accelerator=args.accelerator,
+        teachers=args.teachers,
+        data_root=args.data_root,
+        hparams=_parse_sets(args.set),
+        wandb=False,
+        progress=False,
+    )
+    result = measure(
+        request, steps=args.steps, warmup=args.warmup, say=lambda msg: console.print(f"[bold]distillbench[/]: {msg}")
+    )
+    table = Table(
+        title=f"{result['method']} on {result['protocol']} {result['pair']} — {result['device']}, "
+        f"batch {result['batch_size']}, mean of {args.steps} steps"
+    )
+    for col in ("part", "ms / step", "share"):
+        table.add_column(col, justify="right")
+    for part in PARTS:
+        ms = result[f"{part}_ms"]
+        table.add_row(part.replace("_", " "), f"{ms:.2f}", f"{100 * ms / result['step_ms']:.1f} %")
+    table.add_row("total", f"{result['step_ms']:.2f}", "100 %")
+    Console().print(table)
+    for key in (
+        "throughput_img_s",
+        "overhead_vs_student",
+        "student_params",
+        "student_flops",
+        "teacher_flops",
+        "adapter_params",
+        "peak_mem_mb",
+    ):
+        if key in result:
+            print(f"{key:20s} {result[key]}")
+    return 0
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     from ..datasets import list_datasets
     from ..methods import get_method, list_methods
@@ -444,6 +502,7 @@ def main(argv: list[str] | None = None) -> int:
             "run": cmd_run,
             "teachers": cmd_teachers,
             "softlabels": cmd_softlabels,
+            "cost": cmd_cost,
             "list": cmd_list,
             "search": cmd_search,
             "rankstudy": cmd_rankstudy,

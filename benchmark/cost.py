@@ -1,9 +1,13 @@
 """Cost columns: parameters, FLOPs (fvcore), the distillation overhead ratio and peak memory.
 
-FLOPs follow fvcore's convention (one fused multiply-add counts as one FLOP) for one image at the
-protocol's input size. The overhead ratio is measured in-process right after training, on the same
-hardware and batch: mean time of the method's full training step divided by the mean time of the
-same student's plain cross-entropy step (`vanilla` is 1 by definition).
+FLOPs follow fvcore's convention (one fused multiply-add counts as one FLOP; element-wise ops such as
+activations, residual adds and softmax are not counted) for one image at the protocol's input size.
+fvcore has no handler for fused attention (`aten::scaled_dot_product_attention` and its kernels), so
+without `sdpa_flop_jit` a ViT's Q·Kᵀ and attention·V products would count as zero.
+
+The overhead ratio is measured in-process right after training, on the same hardware and batch:
+mean time of the method's full training step divided by the mean time of the same student's plain
+cross-entropy step (`vanilla` is 1 by definition).
 """
 
 from __future__ import annotations
@@ -11,11 +15,13 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import math
 import resource
 import statistics
 import sys
 import time
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -27,16 +33,47 @@ def count_params(module: nn.Module | list[nn.Parameter]) -> int:
     return sum(p.numel() for p in params)
 
 
-def count_flops(model: nn.Module, input_shape: tuple[int, ...]) -> int | None:
-    """fvcore FLOPs for one image of shape (C, H, W); None if tracing fails."""
+# fvcore has no handler for fused attention, so a timm ViT's attention matmuls count as zero
+SDPA_OPS = (
+    "aten::scaled_dot_product_attention",
+    "aten::_scaled_dot_product_attention_math",
+    "aten::_scaled_dot_product_flash_attention",
+    "aten::_scaled_dot_product_flash_attention_for_cpu",
+    "aten::_scaled_dot_product_efficient_attention",
+    "aten::_scaled_dot_product_cudnn_attention",
+)
+
+
+def sdpa_flop_jit(inputs: list[Any], outputs: list[Any]) -> int:
+    """FLOPs of softmax(Q Kᵀ / √d) V in fvcore's convention (one multiply-add = one FLOP).
+
+    Q: (…, L, E), K: (…, S, E), V: (…, S, Ev) → Q Kᵀ costs L·S·E and the product with V L·S·Ev per
+    leading index (batch × heads). The softmax and scaling are element-wise, which fvcore does not
+    count for any op. A causal mask is counted in full, as fvcore counts any masked matmul.
+    """
+    from fvcore.nn.jit_handles import get_shape
+
+    q, k, v = (get_shape(x) for x in inputs[:3])
+    *lead, length, e = q
+    source, ev = k[-2], v[-1]
+    return math.prod(lead) * length * source * (e + ev)
+
+
+def flop_analysis(model: nn.Module, example: Tensor):
+    """`fvcore.nn.FlopCountAnalysis` with our extra handlers, warnings off."""
     from fvcore.nn import FlopCountAnalysis
 
-    model = copy.deepcopy(model).cpu().float().eval()
     logging.getLogger("fvcore").setLevel(logging.ERROR)
+    analysis = FlopCountAnalysis(model, example)
+    analysis.set_op_handle(**{op: sdpa_flop_jit for op in SDPA_OPS})
+    return analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+
+
+def count_flops(model: nn.Module, input_shape: tuple[int, ...]) -> int | None:
+    """fvcore FLOPs (with the attention handler) for one image of shape (C, H, W); None if tracing fails."""
+    model = copy.deepcopy(model).cpu().float().eval()
     try:
-        analysis = FlopCountAnalysis(model, torch.zeros(1, *input_shape))
-        analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
-        return int(analysis.total())
+        return int(flop_analysis(model, torch.zeros(1, *input_shape)).total())
     except Exception:
         return None
 

@@ -301,17 +301,7 @@ def run(request: RunRequest, say=print) -> dict[str, Any]:
         if context.student is not student:  # a search stage chose the student
             student = context.student
             record["student"] = {"arch": context.student_arch, "params": cost.count_params(student)}
-        module = r.spec.module_cls(
-            student,
-            teacher,
-            num_classes=num_classes,
-            hparams=r.hparams,
-            optimizer=protocol.optimizer_for(pair),
-            schedule=protocol.schedule,
-            epochs=protocol.epochs,
-            label_smoothing=protocol.label_smoothing,
-            artifacts=context.artifacts,
-        )
+        module = build_module(r, student, teacher, num_classes, context.artifacts)
         record["adapter_params"] = cost.count_params(module.adapter_parameters())
         if ckpt_info:
             check_checkpoint_fits(ckpt_path, ckpt_info["shapes"], module)
@@ -380,6 +370,21 @@ def soft_label_source(context: StageContext, r: ResolvedRun, teacher: FrozenTeac
     return prepare
 
 
+def build_module(r: ResolvedRun, student, teacher: FrozenTeacher | None, num_classes: int, artifacts: dict):
+    """The method's LightningModule for a resolved run (shared by `run` and the cost benchmark)."""
+    return r.spec.module_cls(
+        student,
+        teacher,
+        num_classes=num_classes,
+        hparams=r.hparams,
+        optimizer=r.protocol.optimizer_for(r.pair),
+        schedule=r.protocol.schedule,
+        epochs=r.protocol.epochs,
+        label_smoothing=r.protocol.label_smoothing,
+        artifacts=artifacts,
+    )
+
+
 def _build_teacher(r: ResolvedRun, datamodule, say) -> tuple[FrozenTeacher, dict[str, Any]]:
     request, protocol = r.request, r.protocol
     model, info = ensure_teacher(
@@ -405,6 +410,7 @@ def _build_teacher(r: ResolvedRun, datamodule, say) -> tuple[FrozenTeacher, dict
         "top1": info.get("top1"),
         "top5": info.get("top5"),
         "params": cost.count_params(model),
+        "flops": cost.count_flops(model, (protocol.input.channels, protocol.input.size, protocol.input.size)),
     }
     return teacher, summary
 
@@ -512,8 +518,11 @@ def _finish_wandb(logger, record: dict[str, Any]) -> dict[str, Any] | None:
         summary.update({f"best/{k}": v for k, v in record["best_epoch_metrics"].items()})
         for key in ("status", "throughput_img_s", "overhead_vs_student", "peak_mem_mb", "train_time_s"):
             summary[key] = record.get(key)
+        summary.update({f"val_selected/{k}": v for k, v in record.get("val_selected_metrics", {}).items()})
         summary["student_params"] = record["student"]["params"]
         summary["student_flops"] = record["student"].get("flops")
+        summary["adapter_params"] = record.get("adapter_params")
+        summary["teacher_flops"] = (record.get("teacher") or {}).get("flops")
         run.summary.update(summary)
         info = {
             "id": run.id,
