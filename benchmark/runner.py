@@ -245,8 +245,9 @@ def run(request: RunRequest, say=print) -> dict[str, Any]:
     context.count_flops = lambda model: cost.count_flops(model, input_shape)
     start = time.perf_counter()
     module = None
+    module_cls, stages = r.spec.plan(r.hparams)
     try:
-        for stage in r.spec.stages:
+        for stage in stages:
             say(f"stage {stage.name!r} of {request.method} …")
             context.artifacts[stage.name] = stage.run(context)
         if request.teacher_cache and "soft_labels" not in context.artifacts:
@@ -257,7 +258,7 @@ def run(request: RunRequest, say=print) -> dict[str, Any]:
         if context.student is not student:  # a search stage chose the student
             student = context.student
             record["student"] = {"arch": context.student_arch, "params": cost.count_params(student)}
-        module = r.spec.module_cls(
+        module = module_cls(
             student,
             teacher,
             num_classes=num_classes,
