@@ -20,6 +20,7 @@ from distillbench.methods.nd import (
     class_means,
     class_means_metadata,
     class_means_path,
+    embedding_width,
     linear_warmup,
     nd_loss,
     nd_per_sample,
@@ -323,3 +324,17 @@ def test_a_protocol_can_attach_nd_to_kd(tmp_path, teacher_store, tiny_protocol_p
     record = run(request, say=lambda m: None)
     assert record["status"] == "finished" and record["hparams"]["nd"]["weight"] == 1.0
     assert record["method"] == "kd" and len(list(teacher_store.rglob("resnet14.class_means-*"))) == 1
+
+
+def test_embedding_widths_of_the_projector_pairs():
+    """nd.md §2: the pairs that need a projector, D_S → D_T."""
+    widths = {
+        ("wrn_40_2", "wrn_40_1"): (64, 128),
+        ("resnet50_cifar", "mobilenetv2"): (1280, 2048),
+        ("resnet32x4", "shufflenet_v1"): (960, 256),
+        ("resnet32x4", "shufflenet_v2"): (1024, 256),
+        ("resnet56", "resnet20"): (64, 64),
+    }
+    for (teacher, student), expected in widths.items():
+        got = tuple(embedding_width(create_model(a, num_classes=100, in_chans=3)) for a in (student, teacher))
+        assert got == expected, (teacher, student)
