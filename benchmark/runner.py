@@ -249,7 +249,9 @@ def run(request: RunRequest, say=print) -> dict[str, Any]:
     try:
         for stage in stages:
             say(f"stage {stage.name!r} of {request.method} …")
+            stage_start = time.perf_counter()
             context.artifacts[stage.name] = stage.run(context)
+            record.setdefault("stage_time_s", {})[stage.name] = round(time.perf_counter() - stage_start, 2)
         if request.teacher_cache and "soft_labels" not in context.artifacts:
             context.artifacts["soft_labels"] = context.soft_labels(require_logits=True)
         if context.datamodule is not datamodule:  # trained from the soft-label store

@@ -298,6 +298,7 @@ def test_kdpp_runs_end_to_end_and_caches_means_beside_the_teacher(tiny_protocol_
     )
     record = run(request, say=lambda m: None)
     assert record["status"] == "finished" and record["adapter_params"] == 0
+    assert record["stage_time_s"]["class_means"] >= 0
     assert record["metrics"]["top1"] > 30
     cached = list((teacher_store / "tinydigits").glob("resnet14.class_means-*.safetensors"))
     assert len(cached) == 1
