@@ -308,10 +308,12 @@ class NDMixin:
     def losses(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
         with _ClassifierInput(self.student) as s_in, _ClassifierInput(self.teacher.model) as t_in:
             terms = super().losses(batch)
-        if s_in.value is None or t_in.value is None:
-            raise MethodError(f"method {self.method_name!r}: ND needs the student and teacher classifier forwards")
+        if s_in.value is None:
+            raise MethodError(f"method {self.method_name!r}: ND needs the student's forward through its classifier")
+        # stored teacher logits (TEACHER_CACHE) skip the teacher forward: its embedding is then computed here
+        t = t_in.value if t_in.value is not None else self.teacher.run(teacher_embedding, batch["image"])
         s = s_in.value if self.nd_projector is None else self.nd_projector(s_in.value)
-        t, y = t_in.value.detach(), batch["label"]
+        t, y = t.detach(), batch["label"]
         settings = self.nd_settings()
         per_sample = nd_per_sample(s, t, self.nd_class_means, y)
         factor = linear_warmup(self.current_epoch, settings.warmup_epochs) if settings.warmup_nd else 1.0
@@ -345,7 +347,7 @@ class KDWarmup(DistillModule):
     def losses(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
         x, y = batch["image"], batch["label"]
         logits_s = self.student(x)
-        logits_t = self.teacher.logits(x)
+        logits_t = self.teacher_logits(batch)
         factor = linear_warmup(self.current_epoch, self.hp.warmup_epochs)
         return {
             "ce": self.classification_loss(logits_s, y),
@@ -359,7 +361,7 @@ class DKDWarmup(DistillModule):
     def losses(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
         x, y = batch["image"], batch["label"]
         logits_s = self.student(x)
-        logits_t = self.teacher.logits(x)
+        logits_t = self.teacher_logits(batch)
         tckd, nckd = dkd_terms(logits_s, logits_t, y, self.hp.temperature)
         factor = linear_warmup(self.current_epoch, self.hp.warmup_epochs)
         return {

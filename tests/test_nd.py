@@ -339,3 +339,11 @@ def test_embedding_widths_of_the_projector_pairs():
     for (teacher, student), expected in widths.items():
         got = tuple(embedding_width(create_model(a, num_classes=100, in_chans=3)) for a in (student, teacher))
         assert got == expected, (teacher, student)
+
+
+def test_stored_teacher_logits_still_give_the_teacher_embedding():
+    module = _module("kd++")
+    live = module.losses(_batch())
+    batch = {**_batch(), "teacher_logits": module.teacher.logits(_batch()["image"])}
+    cached = module.losses(batch)
+    assert cached["nd"].item() == pytest.approx(live["nd"].item(), rel=1e-6)
