@@ -289,10 +289,13 @@ def run(request: RunRequest, say=print) -> dict[str, Any]:
     context.count_flops = lambda model: cost.count_flops(model, input_shape)
     start = time.perf_counter()
     module = None
+    module_cls, stages = r.spec.plan(r.hparams)
     try:
-        for stage in r.spec.stages:
+        for stage in stages:
             say(f"stage {stage.name!r} of {request.method} …")
+            stage_start = time.perf_counter()
             context.artifacts[stage.name] = stage.run(context)
+            record.setdefault("stage_time_s", {})[stage.name] = round(time.perf_counter() - stage_start, 2)
         if request.teacher_cache and "soft_labels" not in context.artifacts:
             context.artifacts["soft_labels"] = context.soft_labels(require_logits=True)
         if context.datamodule is not datamodule:  # trained from the soft-label store
@@ -301,7 +304,7 @@ def run(request: RunRequest, say=print) -> dict[str, Any]:
         if context.student is not student:  # a search stage chose the student
             student = context.student
             record["student"] = {"arch": context.student_arch, "params": cost.count_params(student)}
-        module = build_module(r, student, teacher, num_classes, context.artifacts)
+        module = build_module(r, student, teacher, num_classes, context.artifacts, module_cls)
         record["adapter_params"] = cost.count_params(module.adapter_parameters())
         if ckpt_info:
             check_checkpoint_fits(ckpt_path, ckpt_info["shapes"], module)
@@ -370,9 +373,17 @@ def soft_label_source(context: StageContext, r: ResolvedRun, teacher: FrozenTeac
     return prepare
 
 
-def build_module(r: ResolvedRun, student, teacher: FrozenTeacher | None, num_classes: int, artifacts: dict):
-    """The method's LightningModule for a resolved run (shared by `run` and the cost benchmark)."""
-    return r.spec.module_cls(
+def build_module(
+    r: ResolvedRun, student, teacher: FrozenTeacher | None, num_classes: int, artifacts: dict, module_cls=None
+):
+    """The method's LightningModule for a resolved run (shared by `run` and the cost benchmark).
+
+    `module_cls` defaults to the class the method's spec plans for these hparams (an extension such as
+    ND may wrap the method's own class).
+    """
+    if module_cls is None:
+        module_cls, _ = r.spec.plan(r.hparams)
+    return module_cls(
         student,
         teacher,
         num_classes=num_classes,

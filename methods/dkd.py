@@ -50,6 +50,7 @@ def warmup_factor(epoch_index: int, warmup: int) -> float:
 @register(
     "dkd",
     defaults={"ce_weight": 1.0, "alpha": 1.0, "beta": 8.0, "temperature": 4.0, "warmup_epochs": 20},
+    extensions=("nd",),
 )
 class DKD(DistillModule):
     """DKD: L = w_ce · CE + min((e + 1)/W, 1) · (α · TCKD + β · NCKD)."""

@@ -30,7 +30,7 @@ def kd_loss(logits_student: Tensor, logits_teacher: Tensor, temperature: float) 
     return kd_per_sample(logits_student, logits_teacher, temperature).mean()
 
 
-@register("kd", defaults={"temperature": 4.0, "ce_weight": 0.1, "kd_weight": 0.9})
+@register("kd", defaults={"temperature": 4.0, "ce_weight": 0.1, "kd_weight": 0.9}, extensions=("nd",))
 class KD(DistillModule):
     """KD: L = w_ce · CE(z_S, y) + w_kd · kd_loss(z_S, z_T, T)."""
 

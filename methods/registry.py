@@ -55,6 +55,21 @@ class Stage:
 
 
 @dataclass(frozen=True)
+class Extension:
+    """A loss term any method that declares it can attach through configuration.
+
+    `hparams[key] = {...}` (e.g. `nd: {weight: 1.0}`) adds the extension's stages and mixes
+    `mixin` into the method's module class (`class _(mixin, module_cls)`); the mixin's `losses`
+    calls `super().losses(batch)` and adds its own term.
+    """
+
+    key: str
+    defaults: Mapping[str, Any]
+    stages: tuple[Stage, ...]
+    mixin: type
+
+
+@dataclass(frozen=True)
 class MethodSpec:
     name: str
     module_cls: type
@@ -62,19 +77,63 @@ class MethodSpec:
     stages: tuple[Stage, ...] = ()
     needs_teacher: bool = True
     summary: str = ""
+    extensions: tuple[str, ...] = ()
 
     def resolve_hparams(self, *overrides: Mapping[str, Any] | None) -> dict[str, Any]:
         """Defaults, then each override mapping in order; unknown keys are an error."""
         resolved = dict(self.defaults)
         for layer in overrides:
             for key, value in (layer or {}).items():
+                if key in self.extensions and key not in self.defaults:
+                    resolved[key] = _resolve_extension(self.name, key, resolved.get(key), value)
+                    continue
                 if key not in self.defaults:
+                    valid = sorted([*self.defaults, *self.extensions])
                     raise MethodError(
-                        f"method {self.name!r} has no hyper-parameter {key!r}; "
-                        f"valid: {', '.join(sorted(self.defaults)) or '(none)'}"
+                        f"method {self.name!r} has no hyper-parameter {key!r}; valid: {', '.join(valid) or '(none)'}"
                     )
                 resolved[key] = value
         return resolved
+
+    def plan(self, hparams: Mapping[str, Any]) -> tuple[type, tuple[Stage, ...]]:
+        """(module class, stages) for resolved `hparams`: the method's own, plus any attached extension."""
+        cls, stages = self.module_cls, list(self.stages)
+        for key in self.extensions:
+            if hparams.get(key) is None:
+                continue
+            ext = get_extension(key)
+            cls = type(f"{cls.__name__}With{key.upper()}", (ext.mixin, cls), {"__module__": cls.__module__})
+            stages += [s for s in ext.stages if s.name not in {t.name for t in stages}]
+        return cls, tuple(stages)
+
+
+def _resolve_extension(method: str, key: str, current: Any, value: Any) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise MethodError(f"method {method!r}: {key!r} takes a mapping of its settings, got {value!r}")
+    defaults = get_extension(key).defaults
+    unknown = set(value) - set(defaults)
+    if unknown:
+        raise MethodError(
+            f"method {method!r}: {key!r} has no setting(s) {', '.join(sorted(unknown))}; "
+            f"valid: {', '.join(sorted(defaults))}"
+        )
+    return {**defaults, **(current or {}), **value}
+
+
+_EXTENSIONS: dict[str, Extension] = {}
+
+
+def register_extension(key: str, *, defaults: Mapping[str, Any], stages: tuple[Stage, ...], mixin: type) -> None:
+    _EXTENSIONS[key] = Extension(key, dict(defaults), tuple(stages), mixin)
+
+
+def get_extension(key: str) -> Extension:
+    try:
+        return _EXTENSIONS[key]
+    except KeyError:
+        raise MethodError(f"unknown extension {key!r}; registered: {', '.join(sorted(_EXTENSIONS))}") from None
 
 
 _REGISTRY: dict[str, MethodSpec] = {}
@@ -86,8 +145,13 @@ def register(
     defaults: Mapping[str, Any] | None = None,
     stages: tuple[Stage, ...] = (),
     needs_teacher: bool = True,
+    extensions: tuple[str, ...] = (),
 ) -> Callable[[type], type]:
-    """Class decorator: `@register("kd", defaults={"temperature": 4.0, ...})`."""
+    """Class decorator: `@register("kd", defaults={"temperature": 4.0, ...})`.
+
+    `extensions` names the attachable terms (e.g. `("nd",)` for a logit method) that a
+    configuration may add with `<key>: {...}`.
+    """
 
     def wrap(cls: type) -> type:
         if name in _REGISTRY and _REGISTRY[name].module_cls is not cls:
@@ -100,6 +164,7 @@ def register(
             stages=tuple(stages),
             needs_teacher=needs_teacher,
             summary=doc[0] if doc else "",
+            extensions=tuple(extensions),
         )
         cls.method_name = name
         return cls
