@@ -258,7 +258,7 @@ CASES = [
     (unknown_model, 2, "pair 'resnet14__resnet8x' of protocol 'tinydigits': student unknown model 'resnet8x'"),
     (malformed_yaml, 2, "broken.yaml: malformed YAML"),
     (unknown_key, 2, "unknown key(s) epochz; valid:"),
-    (unknown_hparam, 2, "method 'kd' has no hyper-parameter 'temp'; valid: ce_weight, kd_weight, temperature"),
+    (unknown_hparam, 2, "method 'kd' has no hyper-parameter 'temp'; valid: ce_weight, kd_weight, nd, temperature"),
     (batch_not_divisible, 2, "the global batch 64 of protocol 'tinydigits' is not divisible by 3 devices"),
     (too_many_devices, 2, "DEVICES=4096 but only"),
     (no_gpu, 2, "DEVICES=1 but only 0 gpu device(s) are available"),
