@@ -20,6 +20,7 @@ import lightning as L
 import torch
 
 from ..methods.vanilla import Vanilla
+from .checkpointing import torch_save_atomic
 from .errors import CheckpointProblem
 from .protocol import Protocol
 from .results import git_commit, now_iso, write_json_atomic
@@ -50,19 +51,9 @@ def sha256_file(path: Path) -> str:
 
 
 def save_checkpoint_atomic(state_dict: dict[str, torch.Tensor], path: Path) -> str:
-    """torch.save to a temporary file, fsync, rename; returns the sha256 of the bytes written."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state_dict, f)
-            f.flush()
-            os.fsync(f.fileno())
-        digest = sha256_file(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return digest
+    """Save atomically (`checkpointing.torch_save_atomic`); returns the sha256 of the bytes written."""
+    torch_save_atomic(state_dict, path)
+    return sha256_file(path)
 
 
 def load_state_dict_checked(path: Path, model: torch.nn.Module, arch: str) -> None:
