@@ -125,6 +125,17 @@ class Protocol:
     def pair_names(self) -> list[str]:
         return [p.name for p in self.pairs]
 
+    def reference_pair(self, pair: PairSpec) -> PairSpec:
+        """The pair whose teacher-less run (`vanilla`) serves `pair`: the first listed pair with the same
+        student and the same student recipe. A run without a teacher does not depend on the teacher, so
+        every pair of one student shares one vanilla record (`none__<student>`) and one protocol hash."""
+        own = self.recipe(pair)["pair"]
+        for other in self.pairs:
+            theirs = self.recipe(other)["pair"]
+            if {**theirs, "teacher": own["teacher"]} == own:
+                return other
+        return pair
+
     def optimizer_for(self, pair: PairSpec) -> dict[str, Any]:
         return {**self.optimizer, **pair.optimizer}
 

@@ -37,6 +37,7 @@ from .results import (
     record_path,
     save_record,
     set_aside,
+    settle_stale,
     versions,
 )
 from .soft_labels import StoreDataModule, ensure_store
@@ -156,6 +157,8 @@ def resolve(request: RunRequest) -> ResolvedRun:
                 create_model(arch)
             except UnknownModelError as exc:  # says what the zoo and timm hold, with close names
                 raise UnknownModelError(f"pair {pair.name!r} of protocol {protocol.name!r}: {role} {exc}") from None
+    if not spec.needs_teacher:  # one teacher-less run per student recipe, whichever pair asked for it
+        pair = protocol.reference_pair(pair)
     pair_label = pair.name if spec.needs_teacher else f"none__{pair.student}"
     path = record_path(request.results, protocol.name, request.method, variant, pair_label, request.seed)
     return ResolvedRun(request, protocol, spec, pair, hparams, variant, pair_label, path)
@@ -193,6 +196,11 @@ def run(request: RunRequest, say=print) -> dict[str, Any]:
         if request.resume and resume_checkpoint(r).is_file():
             ckpt_path = resume_checkpoint(r)
     else:
+        if r.pair.name != r.protocol.pair(request.pair).name and not request.force:
+            shared = settle_stale(r.path) if r.path.exists() else None
+            if isinstance(shared, dict) and shared.get("status") == "finished":
+                say(f"{request.method} has no teacher: pair {r.pair.name}'s record {r.path} serves this pair too")
+                return shared
         existing = check_writable(r.path, request.force or request.resume)
         if request.resume and existing is not None and not request.force:
             if existing.get("status") == "finished":
@@ -438,6 +446,7 @@ def _new_record(r: ResolvedRun, run_id: str, teacher_info: dict | None, student)
         "protocol": protocol.name,
         "protocol_version": protocol.version,
         "protocol_hash": protocol.hash(pair),
+        "reference_hash": protocol.hash(protocol.reference_pair(pair)),  # the hash of this student's vanilla
         "protocol_source": protocol.source,
         "pair": r.pair_label,
         "teacher": teacher_info,

@@ -8,18 +8,25 @@ run records of the leaderboard and are not read.
 
 A cell is (protocol, protocol hash, teacher, student); within it each method (with its variant) is
 one row: top-1 mean ± sample std over seeds, n, min, max, and the rank of the method in the cell.
-Teacher-less records (`vanilla`) are the reference row of every cell with the same protocol hash and
-student; with no distilled cell for that student they form a cell of their own (teacher `—`).
+Teacher-less records (`vanilla`) are the reference row of every cell of the same protocol and student
+whose reference hash (the hash of that student's teacher-less run: `Protocol.reference_pair`, so a
+heterogeneous pair ViT → resnet8 shows the one vanilla resnet8 row of resnet20 → resnet8) equals the
+vanilla record's protocol hash; with no distilled cell for that student they form a cell of their own
+(teacher `—`). Records that predate the `reference_hash` field get it from the protocol's YAML when
+their hash is one of its pairs' hashes, else their own hash.
 """
 
 from __future__ import annotations
 
+import functools
 import statistics
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..benchmark.errors import BenchmarkError
+from ..benchmark.protocol import load_protocol
 from ..benchmark.results import load_record, method_label
 from .reported import ReportedResult
 
@@ -57,12 +64,18 @@ class Row:
     overhead_vs_student: float | None = None
     peak_mem_mb: float | None = None
     train_time_s: float | None = None
+    reference_hash: str = ""  # the protocol hash of this student's teacher-less (vanilla) run
+    cell_hash: str = ""  # the hash of the cell a row is shown in, when not its own (vanilla in a hetero cell)
     rank: int = 0
     reported_top1: float | None = None
     reported_source: str = ""
     reported_verified: bool | None = None
     has_teacher: bool = True
     paths: list[str] = field(default_factory=list)
+
+    @property
+    def cell(self) -> str:
+        return self.cell_hash or self.protocol_hash
 
     @property
     def n(self) -> int:
@@ -100,7 +113,7 @@ class Leaderboard:
         """Rows grouped by (protocol hash, version, teacher, student), in row order."""
         groups: dict[tuple[str, int, str, str], list[Row]] = {}
         for row in self.rows:
-            groups.setdefault((row.protocol_hash, row.protocol_version, row.teacher, row.student), []).append(row)
+            groups.setdefault((row.cell, row.protocol_version, row.teacher, row.student), []).append(row)
         return list(groups.items())
 
 
@@ -200,7 +213,22 @@ def _row(key: tuple, entries: list[tuple[dict[str, Any], str]]) -> Row:
         train_time_s=_mean([r["train_time_s"] for r in recs]),
         has_teacher=teacher != NO_TEACHER,
         paths=[p for _, p in entries],
+        reference_hash=_one([r.get("reference_hash") for r in recs]) or _yaml_reference(protocol, phash),
     )
+
+
+@functools.cache
+def _yaml_references(protocol: str) -> dict[str, str]:
+    """{pair hash: reference hash} of the protocol's current YAML (empty when it is not a known protocol)."""
+    try:
+        p = load_protocol(protocol)
+    except (BenchmarkError, OSError):
+        return {}
+    return {p.hash(pair): p.hash(p.reference_pair(pair)) for pair in p.pairs}
+
+
+def _yaml_reference(protocol: str, phash: str) -> str:
+    return _yaml_references(protocol).get(phash, phash)
 
 
 def _short_commit(commit: str) -> str:
@@ -208,15 +236,16 @@ def _short_commit(commit: str) -> str:
 
 
 def _attach_references(rows: list[Row]) -> list[Row]:
-    """Copy each teacher-less row into every distilled cell of the same protocol hash and student."""
+    """Copy each teacher-less row into every distilled cell of the same protocol and student whose
+    reference hash is the teacher-less row's hash (shown in that cell, with its own hash as provenance)."""
     out = [r for r in rows if r.teacher != NO_TEACHER]
-    cells = {(r.protocol, r.protocol_hash, r.teacher, r.student) for r in out}
+    cells = {(r.protocol, r.protocol_hash, r.teacher, r.student, r.reference_hash) for r in out}
     for ref in (r for r in rows if r.teacher == NO_TEACHER):
-        targets = sorted(c for c in cells if (c[0], c[1], c[3]) == (ref.protocol, ref.protocol_hash, ref.student))
+        targets = sorted(c for c in cells if (c[0], c[4], c[3]) == (ref.protocol, ref.protocol_hash, ref.student))
         if not targets:
             out.append(ref)
-        for _, _, teacher, _ in targets:
-            out.append(Row(**{**ref.__dict__, "teacher": teacher}))
+        for _, phash, teacher, _, _ in targets:
+            out.append(Row(**{**ref.__dict__, "teacher": teacher, "cell_hash": phash}))
     return out
 
 
@@ -224,7 +253,7 @@ def _rank(rows: list[Row]) -> None:
     """Rank per cell by mean top-1 (1 = best); ties share the better rank."""
     cells: dict[tuple, list[Row]] = defaultdict(list)
     for row in rows:
-        cells[(row.protocol, row.protocol_hash, row.teacher, row.student)].append(row)
+        cells[(row.protocol, row.cell, row.teacher, row.student)].append(row)
     for members in cells.values():
         for row in members:
             row.rank = 1 + sum(other.top1_mean > row.top1_mean for other in members)
@@ -247,4 +276,4 @@ def _set_reported(rows: list[Row], reported: list[ReportedResult]) -> None:
 
 
 def _row_order(row: Row) -> tuple:
-    return (row.protocol, row.protocol_hash, row.teacher, row.student, row.rank, row.method)
+    return (row.protocol, row.cell, row.teacher, row.student, row.rank, row.method)

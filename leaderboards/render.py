@@ -151,7 +151,7 @@ DISPLAY = (
 def cell_title(rows: list[Row]) -> str:
     r = rows[0]
     teacher = f"{r.teacher} → {r.student}" if r.teacher != "—" else f"{r.student} (no teacher)"
-    return f"{teacher} · protocol {r.protocol} v{r.protocol_version} · hash {r.protocol_hash}"
+    return f"{teacher} · protocol {r.protocol} v{r.protocol_version} · hash {r.cell}"
 
 
 def teacher_text(rows: list[Row]) -> str:
@@ -227,7 +227,7 @@ def to_latex(board: Leaderboard) -> str:
         lines.append("\\midrule")
         lines.append(
             f"\\multicolumn{{8}}{{l}}{{\\emph{{{tex_escape(board.protocol)} v{rows[0].protocol_version}, "
-            f"hash {tex_escape(rows[0].protocol_hash)}}}}} \\\\"
+            f"hash {tex_escape(rows[0].cell)}}}}} \\\\"
         )
         best = _best(rows)
         for row in rows:
