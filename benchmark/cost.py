@@ -78,6 +78,26 @@ def count_flops(model: nn.Module, input_shape: tuple[int, ...]) -> int | None:
         return None
 
 
+def count_adapter_flops(module, input_shape: tuple[int, ...]) -> int | None:
+    """fvcore FLOPs of a method's training-only adapters (e.g. OFA's branch heads) for one image of shape
+    (C, H, W), apart from the student's: 0 without adapters, None when the method does not say what its
+    adapters read (`DistillModule.adapter_inputs`) or tracing fails."""
+    if not count_params(module.adapter_parameters()):
+        return 0
+    was_training = module.training
+    module.eval()  # no BN statistics move
+    try:
+        device = next(module.student.parameters()).device
+        with torch.no_grad():
+            inputs = module.adapter_inputs(torch.zeros(1, *input_shape, device=device))
+        if not inputs:
+            return None
+        counts = [count_flops(adapter, tuple(x.shape[1:])) for adapter, x in inputs]
+    finally:
+        module.train(was_training)
+    return None if any(c is None for c in counts) else sum(counts)
+
+
 def _time_steps(step: Callable[[], None], device: torch.device, steps: int, warmup: int) -> float:
     def sync() -> None:
         if device.type == "cuda":

@@ -155,6 +155,7 @@ def measure(request: RunRequest, *, steps: int = 20, warmup: int = 3, say=print)
             "student_params": cost.count_params(student),
             "student_flops": cost.count_flops(student, input_shape),
             "adapter_params": cost.count_params(module.adapter_parameters()),
+            "adapter_flops": cost.count_adapter_flops(module, input_shape),
         }
         if teacher is not None:
             result["teacher_flops"] = cost.count_flops(teacher.model, input_shape)

@@ -314,6 +314,7 @@ def run(request: RunRequest, say=print) -> dict[str, Any]:
             record["student"] = {"arch": context.student_arch, "params": cost.count_params(student)}
         module = build_module(r, student, teacher, num_classes, context.artifacts, module_cls)
         record["adapter_params"] = cost.count_params(module.adapter_parameters())
+        record["adapter_flops"] = cost.count_adapter_flops(module, input_shape)
         if ckpt_info:
             check_checkpoint_fits(ckpt_path, ckpt_info["shapes"], module)
         trainer.fit(module, datamodule, ckpt_path=ckpt_path, weights_only=True)

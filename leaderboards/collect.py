@@ -60,6 +60,7 @@ class Row:
     student_params: int | None = None
     student_flops: int | None = None
     adapter_params: int | None = None
+    adapter_flops: int | None = None  # training-only adapters (e.g. OFA's branch heads), per image
     throughput_img_s: float | None = None
     overhead_vs_student: float | None = None
     peak_mem_mb: float | None = None
@@ -207,6 +208,7 @@ def _row(key: tuple, entries: list[tuple[dict[str, Any], str]]) -> Row:
         student_params=_one([r["student"].get("params") for r in recs]),
         student_flops=_one([r["student"].get("flops") for r in recs]),
         adapter_params=_one([r.get("adapter_params") for r in recs]),
+        adapter_flops=_one([r.get("adapter_flops") for r in recs]),
         throughput_img_s=_mean([r["throughput_img_s"] for r in recs]),
         overhead_vs_student=_mean([r["overhead_vs_student"] for r in recs]),
         peak_mem_mb=max((r["peak_mem_mb"] for r in recs if r["peak_mem_mb"] is not None), default=None),

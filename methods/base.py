@@ -173,6 +173,12 @@ class DistillModule(L.LightningModule):
         student_ids = {id(p) for p in self.student.parameters()}
         return [p for p in self.parameters() if id(p) not in student_ids]
 
+    def adapter_inputs(self, x: Tensor) -> list[tuple[nn.Module, Tensor]]:
+        """Each training-only adapter with the tensor it takes when the student sees images `x`, so the
+        cost code counts adapter FLOPs apart from the student's. A method with adapters that leaves this
+        empty gets no adapter FLOPs (unknown, never 0)."""
+        return []
+
     # -- Lightning hooks -------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
         return self.student(x)

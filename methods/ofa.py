@@ -355,6 +355,11 @@ class OFA(DistillModule):
             }
         )
 
+    def adapter_inputs(self, x: Tensor) -> list[tuple[nn.Module, Tensor]]:
+        """The branch heads and the stage features they read."""
+        _, feats = self.taps.run(self.student, x)
+        return [(self.heads[str(s)], feats[s - 1]) for s in self.stage_ids]
+
     def losses(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
         x, y = batch["image"], batch["label"]
         final, feats = self.taps.run(self.student, x)

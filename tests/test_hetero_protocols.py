@@ -6,11 +6,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from distillbench.benchmark.cost import count_adapter_flops, count_flops
 from distillbench.benchmark.protocol import load_protocol
 from distillbench.benchmark.results import record_path, write_json_atomic
 from distillbench.benchmark.runner import RunRequest, resolve, run
+from distillbench.benchmark.zoo import create_model
 from distillbench.leaderboards.collect import collect
 from distillbench.leaderboards.render import cell_title, provenance_text
+from distillbench.methods import FrozenTeacher, get_method
+from distillbench.methods.ofa import OFA
 
 from tests.test_records import good_record
 
@@ -79,3 +83,28 @@ def test_the_hetero_cell_shows_the_one_vanilla_row_of_its_student(tmp_path):
     assert f"hash {hetero}" in cell_title(rows) and base in provenance_text(vanilla)
     assert [r.method for r in cells[("other", "x")]] == ["kd"]
     assert sum(r.method == "vanilla" for r in board.rows) == 2  # one record, shown in the two cells of resnet8
+
+
+def test_adapter_flops_are_counted_apart_from_the_students():
+    """OFA's branch heads are adapters: their FLOPs are reported beside the student's, never in them."""
+    hp = get_method("ofa").resolve_hparams()
+    student = create_model("resnet8", num_classes=5)
+    teacher = FrozenTeacher(create_model("resnet20", num_classes=5))
+    shape = (3, 32, 32)
+    last = OFA(student, teacher, num_classes=5, hparams={**hp, "stages": [3]})
+    # stage 3 of resnet8 at 32 px is 64 × 8 × 8; its head is a 1×1 conv 64 → D = 64, pool, Linear(64 → 5)
+    assert count_adapter_flops(last, shape) == 8 * 8 * 64 * 64 + 64 * 5
+    every = OFA(student, teacher, num_classes=5, hparams=hp)
+    feats = {1: (16, 32, 32), 2: (32, 16, 16), 3: (64, 8, 8)}
+    per_head = [count_flops(every.heads[str(s)], feats[s]) for s in (1, 2, 3)]
+    assert count_adapter_flops(every, shape) == sum(per_head) > per_head[-1]
+    assert count_flops(student, shape) == count_flops(create_model("resnet8", num_classes=5), shape)
+    assert every.training  # the count leaves the module's mode alone
+
+    class Silent(OFA):  # adapters, but no word on what they read
+        def adapter_inputs(self, x):
+            return []
+
+    assert count_adapter_flops(Silent(student, teacher, num_classes=5, hparams=hp), shape) is None
+    plain = get_method("kd").module_cls(student, teacher, num_classes=5, hparams=get_method("kd").resolve_hparams())
+    assert count_adapter_flops(plain, shape) == 0
