@@ -318,6 +318,11 @@ def _validate(p: Protocol, where: str) -> None:
         ("soft_labels", p.soft_labels, SOFT_LABEL_KEYS),
     ):
         _check_keys(spec, allowed, f"{where}: {key}")
+    for key, spec, epochs in (
+        ("schedule", p.schedule, p.epochs),
+        ("teacher.schedule", p.teacher.schedule, p.teacher.epochs),
+    ):
+        _check_schedule(spec, epochs if key == "schedule" or trained else 0, f"{where}: {key}")
     if "lr" not in p.optimizer or (trained and "lr" not in p.teacher.optimizer):
         raise ProtocolError(f"{where}: optimizer and teacher.optimizer need an 'lr'")
     if not p.pairs:
@@ -334,6 +339,17 @@ def _validate(p: Protocol, where: str) -> None:
         raise ProtocolError(f"{where}: soft_labels needs {', '.join(sorted(missing))}")
     if p.selection != "last":
         raise ProtocolError(f"{where}: selection must be 'last' (the reported number is the last epoch's)")
+
+
+def _check_schedule(spec: dict[str, Any], epochs: int, where: str) -> None:
+    from ..methods.optim import SCHEDULES
+
+    name = spec.get("name", "constant")
+    if name not in SCHEDULES:
+        raise ProtocolError(f"{where}: unknown schedule {name!r}; valid: {', '.join(SCHEDULES)}")
+    warmup = spec.get("warmup_epochs", 0)
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0 or (epochs and warmup >= epochs):
+        raise ProtocolError(f"{where}: warmup_epochs must be an integer in 0..{max(epochs - 1, 0)}, got {warmup!r}")
 
 
 def protocol_dir() -> Path:

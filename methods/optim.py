@@ -2,7 +2,11 @@
 
 Schedules are per epoch, as in the reference recipes. `multistep` uses torch's MultiStepLR because
 its 0-based milestones are mdistiller's semantics (decay when the 1-based epoch exceeds the
-milestone); timm's MultiStepLRScheduler decays one epoch earlier. `cosine` uses timm's
+milestone); timm's MultiStepLRScheduler decays one epoch earlier. `multistep` with `warmup_epochs`
+(OFA's ImageNet CNN recipe: timm's `step` schedule with a linear warm-up) uses timm's
+MultiStepLRScheduler with the milestones shifted to the same semantics, warm-up counted inside the
+schedule (`warmup_prefix=False`, timm 0.6's behaviour): epoch e < W runs at
+warmup_lr + e·(lr − warmup_lr)/W, then lr·γ^(number of milestones ≤ e). `cosine` uses timm's
 CosineLRScheduler (with linear warm-up), stepped by the base module at each epoch end.
 """
 
@@ -13,7 +17,7 @@ from typing import Any
 
 import torch
 from timm.optim import param_groups_weight_decay
-from timm.scheduler import CosineLRScheduler
+from timm.scheduler import CosineLRScheduler, MultiStepLRScheduler
 from timm.scheduler.scheduler import Scheduler
 from torch import nn
 
@@ -70,6 +74,16 @@ def build_scheduler(optimizer: torch.optim.Optimizer, spec: Mapping[str, Any], e
     if name == "multistep":
         if interval != "epoch":
             raise MethodError("multistep schedules are per epoch (milestones are epochs)")
+        if int(spec.get("warmup_epochs", 0)) > 0:
+            return MultiStepLRScheduler(
+                optimizer,
+                # timm applies milestone m at epoch m − 1 (bisect on t + 1): m + 1 decays at epoch m
+                decay_t=[int(m) + 1 for m in spec.get("milestones", [])],
+                decay_rate=float(spec.get("gamma", 0.1)),
+                warmup_t=int(spec["warmup_epochs"]),
+                warmup_lr_init=float(spec.get("warmup_lr", 0.0)),
+                warmup_prefix=False,
+            )
         return torch.optim.lr_scheduler.MultiStepLR(
             optimizer, milestones=list(spec.get("milestones", [])), gamma=float(spec.get("gamma", 0.1))
         )

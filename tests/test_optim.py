@@ -66,3 +66,17 @@ def test_unknown_optimizer_and_schedule():
         build_optimizer(model, {"name": "lion", "lr": 1})
     with pytest.raises(ValueError, match="unknown schedule 'poly'"):
         build_scheduler(build_optimizer(model, {"lr": 1}), {"name": "poly"}, 3)
+
+
+def test_multistep_with_linear_warmup():
+    """OFA's ImageNet CNN recipe (timm `step`, decay 30, warm-up 3 from 1e-4), scaled down: warm-up
+    epochs ramp linearly from warmup_lr, then the lr decays at the same 0-based milestones as without it."""
+    spec = {"name": "multistep", "milestones": [3, 5], "gamma": 0.1, "warmup_epochs": 2, "warmup_lr": 0.1}
+    assert _lrs(spec, 7) == pytest.approx([0.1, 0.55, 1.0, 0.1, 0.1, 0.01, 0.01])
+    plain = _lrs({**spec, "warmup_epochs": 0}, 7)
+    assert _lrs(spec, 7)[2:] == pytest.approx(plain[2:])  # the same decays as torch's MultiStepLR
+    full = _lrs({"name": "multistep", "milestones": [30, 60, 90], "warmup_epochs": 3, "warmup_lr": 1e-4}, 100)
+    assert full[:4] == pytest.approx([1e-4, 1e-4 + (1 - 1e-4) / 3, 1e-4 + 2 * (1 - 1e-4) / 3, 1.0])
+    assert (full[29], full[30], full[59], full[60], full[89], full[90]) == pytest.approx(
+        (1.0, 0.1, 0.1, 0.01, 0.01, 0.001)
+    )

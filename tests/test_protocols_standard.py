@@ -135,3 +135,38 @@ def test_global_batch_must_divide_over_all_nodes():
     with pytest.raises(BenchmarkError, match=r"not divisible by 3 devices; choose DEVICES × NUM_NODES"):
         resolve(RunRequest(method="kd", protocol="digits", num_nodes=3))
     assert resolve(RunRequest(method="kd", protocol="digits", num_nodes=2)).protocol.batch_size == 64
+
+
+def test_imagenet_hetero_is_ofas_imagenet_cnn_recipe():
+    """ofa.md §4 / official configs/imagenet/cnn.yaml: timm `step` every 30 epochs after a 3-epoch warm-up."""
+    p = load_protocol("imagenet-hetero")
+    assert (p.dataset.name, p.input.size, p.batch_size, p.epochs, p.label_smoothing) == ("imagenet", 224, 512, 100, 0.1)
+    assert p.optimizer == {
+        "name": "sgd",
+        "lr": 0.1,
+        "momentum": 0.9,
+        "nesterov": True,
+        "weight_decay": 1e-4,
+        "no_decay_bias_norm": True,
+    }
+    assert p.schedule == {
+        "name": "multistep",
+        "milestones": [30, 60, 90],
+        "gamma": 0.1,
+        "warmup_epochs": 3,
+        "warmup_lr": 1e-4,
+    }
+    assert p.teacher.source == "import" and p.dataset.val_size == 10000
+    for pair in p.pairs:
+        hp = _hparams(p, pair, "ofa")
+        assert (hp["eps"], hp["ofa_weight"], hp["stages"]) == (1.5, 1.0, [1, 2, 3, 4]), pair.name
+    assert {p.student for p in p.pairs} == {"resnet18", "mobilenetv2_100"}
+
+
+def test_schedules_are_validated(tmp_path):
+    bad = {**TINY_PROTOCOL, "schedule": {"name": "poly"}}
+    with pytest.raises(ProtocolError, match="unknown schedule 'poly'; valid: multistep, cosine, constant"):
+        load_protocol(write_protocol(tmp_path / "a.yaml", bad))
+    bad = {**TINY_PROTOCOL, "schedule": {"name": "multistep", "milestones": [1], "warmup_epochs": 9}}
+    with pytest.raises(ProtocolError, match=r"schedule: warmup_epochs must be an integer in 0\.\.1, got 9"):
+        load_protocol(write_protocol(tmp_path / "b.yaml", bad))
