@@ -32,7 +32,7 @@ SCHEDULE_KEYS = {"name", "interval", "milestones", "gamma", "warmup_epochs", "wa
 AUGMENT_KEYS = {"kind", "pad", "flip", "scale", "ratio", "crop_pct"}
 TEACHER_SOURCES = ("train", "import")
 SOFT_LABEL_KEYS = {"num_crops", "k", "temperature", "scale", "ratio", "flip", "seed", "store_logits"}
-SOFT_LABEL_KEYS |= {"store_embeddings"}
+SOFT_LABEL_KEYS |= {"store_embeddings", "label_dtype"}
 
 
 class ProtocolError(BenchmarkError):
@@ -332,6 +332,8 @@ def _validate(p: Protocol, where: str) -> None:
     missing = {"num_crops", "k", "scale", "ratio", "flip"} - set(p.soft_labels)
     if p.soft_labels and missing:
         raise ProtocolError(f"{where}: soft_labels needs {', '.join(sorted(missing))}")
+    if p.soft_labels.get("label_dtype", "float32") not in ("float32", "float16"):
+        raise ProtocolError(f"{where}: soft_labels.label_dtype must be float32 or float16")
     if p.selection != "last":
         raise ProtocolError(f"{where}: selection must be 'last' (the reported number is the last epoch's)")
 

@@ -112,6 +112,7 @@ def ensure_store(
         seed=s.get("seed", 0),
         store_logits=s.get("store_logits", True),
         store_embeddings=s.get("store_embeddings", False),
+        label_dtype=s.get("label_dtype", "float32"),
         progress=_progress_bar(len(images)) if progress else None,
         extra={"protocol": protocol.name, "protocol_hash": protocol.hash(), "limit": limit},
     )
@@ -212,6 +213,7 @@ class StoreDataModule(L.LightningDataModule):
             "key_hash": m["key_hash"],
             "num_crops": self.store.num_crops,
             "k": self.store.k,
+            "label_dtype": m.get("label_dtype", "float32"),
             "temperature": m["key"]["temperature"],
             "augment": m["key"]["augment"],
             "has_logits": self.store.has_logits,

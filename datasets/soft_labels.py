@@ -160,6 +160,22 @@ def _write_json_atomic(path: Path, data: Mapping[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+LABEL_DTYPES = ("float32", "float16")
+FP16_MAX_CLASSES = 2048  # every integer ≤ 2048 is exact in float16 (11-bit significand); 2049 is not
+
+
+def check_label_dtype(label_dtype: str, num_classes: int | None = None) -> None:
+    """`labels` are stored float32 (default: cached targets equal the live teacher's to 1e-5) or float16
+    (half the disk; probabilities within 1e-3), the latter only while every class index stays exact."""
+    if label_dtype not in LABEL_DTYPES:
+        raise SoftLabelStoreError(f"label_dtype must be one of {', '.join(LABEL_DTYPES)}, got {label_dtype!r}")
+    if label_dtype == "float16" and num_classes is not None and num_classes > FP16_MAX_CLASSES:
+        raise SoftLabelStoreError(
+            f"label_dtype float16 stores class indices exactly only up to {FP16_MAX_CLASSES} classes, "
+            f"this teacher has {num_classes}: use float32"
+        )
+
+
 # -- generation ---------------------------------------------------------------------------------
 def crop_params(seed: int, index: int, num_crops: int, height: int, width: int, augment) -> tuple[np.ndarray, ...]:
     """The N boxes and flip flags of image `index`: crop j is the live `rrc` draw of (seed, epoch j, index)
@@ -215,8 +231,7 @@ def generate_store(
     is the number of crops per teacher forward (the official loop dropped a remainder; here every crop
     is run). `progress(done_images, total_images)` is called after each shard.
     """
-    if label_dtype not in ("float32", "float16"):
-        raise ValueError(f"label_dtype must be float32 or float16, got {label_dtype!r}")
+    check_label_dtype(label_dtype)
     if limit is not None:
         images, labels = images[:limit], labels[:limit]
     model = teacher.eval().requires_grad_(False)
@@ -243,6 +258,7 @@ def generate_store(
     shards = [(s, min(s + shard_size, num_images)) for s in range(0, num_images, shard_size)]
     probe = torch.zeros(1, images.shape[1], meta.size, meta.size, device=device)
     num_classes = int(teacher_forward(model, probe, meta, False)[0].shape[1])
+    check_label_dtype(label_dtype, num_classes)
     manifest = {
         "schema_version": SCHEMA_VERSION,
         "key": key,
@@ -270,15 +286,7 @@ def generate_store(
                 progress(hi, num_images)
             continue
         arrays = _generate_shard(model, images[lo:hi], labels[lo:hi], lo, key, meta, seed, chunk, device, manifest)
-        tmp = path / f".{final.name}.{os.getpid()}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        for name, array in arrays.items():
-            with open(tmp / f"{name}.npy", "wb") as f:
-                np.save(f, array)
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, final)
+        write_shard(final, arrays)
         generated += hi - lo
         if progress:
             progress(hi, num_images)
@@ -288,6 +296,20 @@ def generate_store(
     )
     _write_json_atomic(manifest_path, manifest)
     return manifest
+
+
+def write_shard(final: Path, arrays: Mapping[str, np.ndarray]) -> None:
+    """Write a shard's arrays to a temporary folder, fsync each file and rename it into place: a shard
+    folder either holds every array or does not exist (resume skips exactly the complete ones)."""
+    tmp = final.parent / f".{final.name}.{os.getpid()}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    for name, array in arrays.items():
+        with open(tmp / f"{name}.npy", "wb") as f:
+            np.save(f, array)
+            f.flush()
+            os.fsync(f.fileno())
+    os.replace(tmp, final)
 
 
 def _generate_shard(model, images, labels, first_index, key, meta, seed, chunk, device, manifest) -> dict:
