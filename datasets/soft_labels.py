@@ -562,6 +562,15 @@ class CachedTeacherDataset(torch.utils.data.Dataset):
         return {k: v[0] for k, v in self.__getitems__([key]).items()}
 
 
+def import_fkd_tar(root: str | Path, path: str | Path, **kwargs) -> dict[str, Any]:
+    """Convert the official FKD per-image soft-label files (a folder, .zip or .tar of
+    `<wnid>/<stem>.tar` `torch.save` lists [coords, flips, labels]) into a store at `path`; see
+    `distillbench.datasets.fkd_import.import_fkd_tar` for the options."""
+    from .fkd_import import import_fkd_tar as convert
+
+    return convert(root, path, **kwargs)
+
+
 def replay_crop(image: Tensor, coords, flip: bool, size: int, interpolation: str = "bilinear") -> Tensor:
     """One stored crop of one image (C, H, W) → float32 (C, size, size) in [0, 1]."""
     _, h, w = image.shape
