@@ -134,12 +134,20 @@ def make_key(
     temperature: float,
     data_sha256: str,
 ) -> dict[str, Any]:
-    aug = {
-        "kind": "rrc",
-        "scale": [float(s) for s in augment["scale"]],
-        "ratio": [float(r) for r in augment["ratio"]],
-        "flip": bool(augment["flip"]),
-    }
+    if augment.get("kind", "rrc") == "padcrop":
+        aug = {"kind": "padcrop", "pad": int(augment["pad"]), "flip": bool(augment["flip"]), "views": "exhaustive"}
+        if num_crops != padcrop_num_views(aug["pad"], aug["flip"]):
+            raise SoftLabelStoreError(
+                f"an exhaustive pad-crop store holds all {padcrop_num_views(aug['pad'], aug['flip'])} views "
+                f"(pad {aug['pad']}, flip {aug['flip']}), not {num_crops}"
+            )
+    else:
+        aug = {
+            "kind": "rrc",
+            "scale": [float(s) for s in augment["scale"]],
+            "ratio": [float(r) for r in augment["ratio"]],
+            "flip": bool(augment["flip"]),
+        }
     return {
         "teacher_sha256": teacher.sha256,
         "augment": aug,
@@ -177,9 +185,36 @@ def check_label_dtype(label_dtype: str, num_classes: int | None = None) -> None:
 
 
 # -- generation ---------------------------------------------------------------------------------
+def padcrop_num_views(pad: int, flip: bool) -> int:
+    """(2·pad + 1)² offsets × 2 flips (1 without flip): every view RandomCrop(pad) + flip can produce."""
+    return (2 * pad + 1) ** 2 * (2 if flip else 1)
+
+
+def padcrop_views(pad: int, flip: bool, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """All pad-crop views as boxes in the zero-padded (H + 2·pad, W + 2·pad) image: view v has offset
+    o = v // f (top = o // (2·pad + 1), left = o % (2·pad + 1)) and flip v % f = 1, f = 2 with flip."""
+    f = 2 if flip else 1
+    view = np.arange(padcrop_num_views(pad, flip))
+    offset = view // f
+    top, left = offset // (2 * pad + 1), offset % (2 * pad + 1)
+    boxes = np.stack([top, left, np.full_like(top, height), np.full_like(top, width)], axis=1)
+    return boxes.astype(np.int64), view % f == 1
+
+
+def source_images(images: Tensor, augment: Mapping[str, Any]) -> Tensor:
+    """The images the stored boxes refer to: zero-padded for pad-crop stores (as RandomCrop pads), else as is."""
+    if augment.get("kind") == "padcrop" and augment["pad"] > 0:
+        return F.pad(images, (augment["pad"],) * 4)
+    return images
+
+
 def crop_params(seed: int, index: int, num_crops: int, height: int, width: int, augment) -> tuple[np.ndarray, ...]:
     """The N boxes and flip flags of image `index`: crop j is the live `rrc` draw of (seed, epoch j, index)
-    (counter-based), so any range of images can be generated alone (resume, ranks) with the same result."""
+    (counter-based), so any range of images can be generated alone (resume, ranks) with the same result.
+    A pad-crop store holds every view instead (`padcrop_views`), the same for every image; `height` and
+    `width` are then the unpadded size."""
+    if augment.get("kind") == "padcrop":
+        return padcrop_views(augment["pad"], augment["flip"], height, width)
     crops = np.arange(num_crops)
     idx = np.full(num_crops, index)
     top, left, h, w = rrc_params(
@@ -319,10 +354,12 @@ def _generate_shard(model, images, labels, first_index, key, meta, seed, chunk, 
     boxes, flips = zip(*params, strict=True)
     boxes, flips = np.concatenate(boxes), np.concatenate(flips)
     owner = np.repeat(np.arange(m), n)
+    source = source_images(images, key["augment"])
+    height, width = source.shape[-2:]  # coords are normalised by the (padded) source size
     logits, embeddings = [], []
     for lo in range(0, len(owner), chunk):
         sel = slice(lo, lo + chunk)
-        crops = crop_resize(images[owner[sel]], boxes[sel], flips[sel], meta.size, meta.interpolation).to(device)
+        crops = crop_resize(source[owner[sel]], boxes[sel], flips[sel], meta.size, meta.interpolation).to(device)
         z, emb = teacher_forward(model, crops, meta, manifest["store_embeddings"])
         logits.append(z.float().cpu())
         if emb is not None:
@@ -541,9 +578,10 @@ class CachedTeacherDataset(torch.utils.data.Dataset):
         ds, store_k_classes = self.dataset, self.store.num_classes
         idx = torch.from_numpy(index)
         images = ds.images[idx]
-        _, _, h, w = images.shape
-        boxes = coords_to_boxes(data["coords"], h, w)
-        pixels = crop_resize(images, boxes, data["flips"], size=h, interpolation=self.interpolation)
+        size = images.shape[-2]
+        images = source_images(images, self.store.key["augment"])
+        boxes = coords_to_boxes(data["coords"], *images.shape[-2:])
+        pixels = crop_resize(images, boxes, data["flips"], size=size, interpolation=self.interpolation)
         batch = {
             "image": (pixels - ds.mean) / ds.std,
             "label": ds.labels[idx],
@@ -571,8 +609,10 @@ def import_fkd_tar(root: str | Path, path: str | Path, **kwargs) -> dict[str, An
     return convert(root, path, **kwargs)
 
 
-def replay_crop(image: Tensor, coords, flip: bool, size: int, interpolation: str = "bilinear") -> Tensor:
-    """One stored crop of one image (C, H, W) → float32 (C, size, size) in [0, 1]."""
+def replay_crop(image: Tensor, coords, flip: bool, size: int, interpolation: str = "bilinear", pad: int = 0) -> Tensor:
+    """One stored crop of one image (C, H, W) → float32 (C, size, size) in [0, 1] (`pad`: a pad-crop
+    store's padding, whose coords refer to the zero-padded image)."""
+    image = F.pad(image, (pad,) * 4) if pad else image
     _, h, w = image.shape
     boxes = coords_to_boxes(np.asarray(coords, dtype=np.float32)[None], h, w)
     return crop_resize(image[None], boxes, np.array([bool(flip)]), size, interpolation)[0]
@@ -587,10 +627,11 @@ def verify_store(
     index = np.sort(rng.choice(store.num_images, size=min(n, store.num_images), replace=False))
     data = store.gather(index)
     m, crops = len(index), store.num_crops
-    h, w = images.shape[-2:]
-    boxes = coords_to_boxes(np.asarray(data["coords"]).reshape(-1, 4), h, w)
+    source = source_images(images[torch.from_numpy(index)], store.key["augment"])
+    boxes = coords_to_boxes(np.asarray(data["coords"]).reshape(-1, 4), *source.shape[-2:])
     owner = torch.from_numpy(np.repeat(index, crops))
-    pixels = crop_resize(images[owner], boxes, np.asarray(data["flips"]).reshape(-1), meta.size, meta.interpolation)
+    rows = torch.from_numpy(np.repeat(np.arange(m), crops))
+    pixels = crop_resize(source[rows], boxes, np.asarray(data["flips"]).reshape(-1), meta.size, meta.interpolation)
     device = next(teacher.parameters()).device
     z, _ = teacher_forward(teacher.eval(), pixels.to(device), meta, False)
     z = z.float().cpu()
