@@ -25,6 +25,7 @@ from ..datasets.soft_labels import (
     SoftLabelStoreError,
     StoreBatchSampler,
     TeacherMeta,
+    epoch_plan,
     generate_store,
     key_hash,
     make_key,
@@ -222,6 +223,11 @@ class StoreDataModule(L.LightningDataModule):
             "crops_per_image": self.crops_per_image,
             "generation_time_s": (m.get("generation") or {}).get("time_s"),
         }
+
+    def lr_epoch(self, epoch: int) -> int:
+        """The schedule's epoch for Lightning epoch `epoch`: the start of its pass (FKD's accounting)."""
+        plan = epoch_plan(self.epochs, self.crops_per_image)
+        return plan[epoch][0] if epoch < len(plan) else epoch
 
     def crop_column(self, field: str) -> np.ndarray:
         return self.store.column(field)
