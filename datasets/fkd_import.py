@@ -83,8 +83,8 @@ class _Source:
     def __init__(self, root: Path):
         self.root, self._zip, self._tar = root, None, None
         if root.is_dir():
-            top = root / "train" if (root / "train").is_dir() else root
-            members = {str(p.relative_to(top)): p for p in top.glob("*/*.tar") if p.is_file()}
+            top = root / "train" if (root / "train").is_dir() else root  # any prefix above train/ is fine
+            members = {p.relative_to(top).as_posix(): p for p in top.rglob("*.tar") if p.is_file()}
         elif root.is_file() and zipfile.is_zipfile(root):
             self._zip = zipfile.ZipFile(root)  # closed by `close`
             members = {n: n for n in self._zip.namelist() if n.endswith(".tar")}
