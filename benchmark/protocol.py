@@ -32,7 +32,7 @@ SCHEDULE_KEYS = {"name", "interval", "milestones", "gamma", "warmup_epochs", "wa
 AUGMENT_KEYS = {"kind", "pad", "flip", "scale", "ratio", "crop_pct"}
 TEACHER_SOURCES = ("train", "import")
 SOFT_LABEL_KEYS = {"num_crops", "k", "temperature", "scale", "ratio", "flip", "seed", "store_logits"}
-SOFT_LABEL_KEYS |= {"store_embeddings"}
+SOFT_LABEL_KEYS |= {"store_embeddings", "label_dtype", "kind", "pad"}
 
 
 class ProtocolError(BenchmarkError):
@@ -165,6 +165,10 @@ class Protocol:
         if num_crops is not None:
             if num_crops < 1:
                 raise ProtocolError(f"the store needs ≥ 1 crop per image, got {num_crops}")
+            if settings.get("kind") == "padcrop" and num_crops != settings["num_crops"]:
+                raise ProtocolError(
+                    f"protocol {self.name!r} stores all {settings['num_crops']} pad-crop views; CROPS cannot change it"
+                )
             settings["num_crops"] = num_crops
         return dataclasses.replace(self, soft_labels=settings, store_augment=True)
 
@@ -175,6 +179,8 @@ class Protocol:
         if not self.store_augment:
             return dict(self.augment)
         s = self.soft_labels
+        if s.get("kind") == "padcrop":  # the exhaustive store of the live RandomCrop(pad) + flip
+            return {"kind": "padcrop", "pad": int(s["pad"]), "flip": bool(s["flip"])}
         return {
             "kind": "rrc",
             "scale": list(s["scale"]),
@@ -334,9 +340,19 @@ def _validate(p: Protocol, where: str) -> None:
         raise ProtocolError(f"{where}: duplicate pairs")
     if p.default_pair and p.default_pair not in names:
         raise ProtocolError(f"{where}: default_pair {p.default_pair!r} is not one of {', '.join(names)}")
-    missing = {"num_crops", "k", "scale", "ratio", "flip"} - set(p.soft_labels)
+    kind = p.soft_labels.get("kind", "rrc")
+    if kind not in ("rrc", "padcrop"):
+        raise ProtocolError(f"{where}: soft_labels.kind must be rrc or padcrop, got {kind!r}")
+    needed = {"num_crops", "k", "flip"} | ({"pad"} if kind == "padcrop" else {"scale", "ratio"})
+    missing = needed - set(p.soft_labels)
     if p.soft_labels and missing:
         raise ProtocolError(f"{where}: soft_labels needs {', '.join(sorted(missing))}")
+    if kind == "padcrop":
+        views = (2 * int(p.soft_labels["pad"]) + 1) ** 2 * (2 if p.soft_labels["flip"] else 1)
+        if p.soft_labels["num_crops"] != views:
+            raise ProtocolError(f"{where}: a padcrop store holds every view: num_crops must be {views}")
+    if p.soft_labels.get("label_dtype", "float32") not in ("float32", "float16"):
+        raise ProtocolError(f"{where}: soft_labels.label_dtype must be float32 or float16")
     if p.selection != "last":
         raise ProtocolError(f"{where}: selection must be 'last' (the reported number is the last epoch's)")
 

@@ -25,6 +25,7 @@ from ..datasets.soft_labels import (
     SoftLabelStoreError,
     StoreBatchSampler,
     TeacherMeta,
+    epoch_plan,
     generate_store,
     key_hash,
     make_key,
@@ -112,6 +113,7 @@ def ensure_store(
         seed=s.get("seed", 0),
         store_logits=s.get("store_logits", True),
         store_embeddings=s.get("store_embeddings", False),
+        label_dtype=s.get("label_dtype", "float32"),
         progress=_progress_bar(len(images)) if progress else None,
         extra={"protocol": protocol.name, "protocol_hash": protocol.hash(), "limit": limit},
     )
@@ -212,6 +214,7 @@ class StoreDataModule(L.LightningDataModule):
             "key_hash": m["key_hash"],
             "num_crops": self.store.num_crops,
             "k": self.store.k,
+            "label_dtype": m.get("label_dtype", "float32"),
             "temperature": m["key"]["temperature"],
             "augment": m["key"]["augment"],
             "has_logits": self.store.has_logits,
@@ -220,6 +223,11 @@ class StoreDataModule(L.LightningDataModule):
             "crops_per_image": self.crops_per_image,
             "generation_time_s": (m.get("generation") or {}).get("time_s"),
         }
+
+    def lr_epoch(self, epoch: int) -> int:
+        """The schedule's epoch for Lightning epoch `epoch`: the start of its pass (FKD's accounting)."""
+        plan = epoch_plan(self.epochs, self.crops_per_image)
+        return plan[epoch][0] if epoch < len(plan) else epoch
 
     def crop_column(self, field: str) -> np.ndarray:
         return self.store.column(field)

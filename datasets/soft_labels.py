@@ -134,12 +134,20 @@ def make_key(
     temperature: float,
     data_sha256: str,
 ) -> dict[str, Any]:
-    aug = {
-        "kind": "rrc",
-        "scale": [float(s) for s in augment["scale"]],
-        "ratio": [float(r) for r in augment["ratio"]],
-        "flip": bool(augment["flip"]),
-    }
+    if augment.get("kind", "rrc") == "padcrop":
+        aug = {"kind": "padcrop", "pad": int(augment["pad"]), "flip": bool(augment["flip"]), "views": "exhaustive"}
+        if num_crops != padcrop_num_views(aug["pad"], aug["flip"]):
+            raise SoftLabelStoreError(
+                f"an exhaustive pad-crop store holds all {padcrop_num_views(aug['pad'], aug['flip'])} views "
+                f"(pad {aug['pad']}, flip {aug['flip']}), not {num_crops}"
+            )
+    else:
+        aug = {
+            "kind": "rrc",
+            "scale": [float(s) for s in augment["scale"]],
+            "ratio": [float(r) for r in augment["ratio"]],
+            "flip": bool(augment["flip"]),
+        }
     return {
         "teacher_sha256": teacher.sha256,
         "augment": aug,
@@ -160,10 +168,53 @@ def _write_json_atomic(path: Path, data: Mapping[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+LABEL_DTYPES = ("float32", "float16")
+FP16_MAX_CLASSES = 2048  # every integer ≤ 2048 is exact in float16 (11-bit significand); 2049 is not
+
+
+def check_label_dtype(label_dtype: str, num_classes: int | None = None) -> None:
+    """`labels` are stored float32 (default: cached targets equal the live teacher's to 1e-5) or float16
+    (half the disk; probabilities within 1e-3), the latter only while every class index stays exact."""
+    if label_dtype not in LABEL_DTYPES:
+        raise SoftLabelStoreError(f"label_dtype must be one of {', '.join(LABEL_DTYPES)}, got {label_dtype!r}")
+    if label_dtype == "float16" and num_classes is not None and num_classes > FP16_MAX_CLASSES:
+        raise SoftLabelStoreError(
+            f"label_dtype float16 stores class indices exactly only up to {FP16_MAX_CLASSES} classes, "
+            f"this teacher has {num_classes}: use float32"
+        )
+
+
 # -- generation ---------------------------------------------------------------------------------
+def padcrop_num_views(pad: int, flip: bool) -> int:
+    """(2·pad + 1)² offsets × 2 flips (1 without flip): every view RandomCrop(pad) + flip can produce."""
+    return (2 * pad + 1) ** 2 * (2 if flip else 1)
+
+
+def padcrop_views(pad: int, flip: bool, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """All pad-crop views as boxes in the zero-padded (H + 2·pad, W + 2·pad) image: view v has offset
+    o = v // f (top = o // (2·pad + 1), left = o % (2·pad + 1)) and flip v % f = 1, f = 2 with flip."""
+    f = 2 if flip else 1
+    view = np.arange(padcrop_num_views(pad, flip))
+    offset = view // f
+    top, left = offset // (2 * pad + 1), offset % (2 * pad + 1)
+    boxes = np.stack([top, left, np.full_like(top, height), np.full_like(top, width)], axis=1)
+    return boxes.astype(np.int64), view % f == 1
+
+
+def source_images(images: Tensor, augment: Mapping[str, Any]) -> Tensor:
+    """The images the stored boxes refer to: zero-padded for pad-crop stores (as RandomCrop pads), else as is."""
+    if augment.get("kind") == "padcrop" and augment["pad"] > 0:
+        return F.pad(images, (augment["pad"],) * 4)
+    return images
+
+
 def crop_params(seed: int, index: int, num_crops: int, height: int, width: int, augment) -> tuple[np.ndarray, ...]:
     """The N boxes and flip flags of image `index`: crop j is the live `rrc` draw of (seed, epoch j, index)
-    (counter-based), so any range of images can be generated alone (resume, ranks) with the same result."""
+    (counter-based), so any range of images can be generated alone (resume, ranks) with the same result.
+    A pad-crop store holds every view instead (`padcrop_views`), the same for every image; `height` and
+    `width` are then the unpadded size."""
+    if augment.get("kind") == "padcrop":
+        return padcrop_views(augment["pad"], augment["flip"], height, width)
     crops = np.arange(num_crops)
     idx = np.full(num_crops, index)
     top, left, h, w = rrc_params(
@@ -215,8 +266,7 @@ def generate_store(
     is the number of crops per teacher forward (the official loop dropped a remainder; here every crop
     is run). `progress(done_images, total_images)` is called after each shard.
     """
-    if label_dtype not in ("float32", "float16"):
-        raise ValueError(f"label_dtype must be float32 or float16, got {label_dtype!r}")
+    check_label_dtype(label_dtype)
     if limit is not None:
         images, labels = images[:limit], labels[:limit]
     model = teacher.eval().requires_grad_(False)
@@ -243,6 +293,7 @@ def generate_store(
     shards = [(s, min(s + shard_size, num_images)) for s in range(0, num_images, shard_size)]
     probe = torch.zeros(1, images.shape[1], meta.size, meta.size, device=device)
     num_classes = int(teacher_forward(model, probe, meta, False)[0].shape[1])
+    check_label_dtype(label_dtype, num_classes)
     manifest = {
         "schema_version": SCHEMA_VERSION,
         "key": key,
@@ -270,15 +321,7 @@ def generate_store(
                 progress(hi, num_images)
             continue
         arrays = _generate_shard(model, images[lo:hi], labels[lo:hi], lo, key, meta, seed, chunk, device, manifest)
-        tmp = path / f".{final.name}.{os.getpid()}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        for name, array in arrays.items():
-            with open(tmp / f"{name}.npy", "wb") as f:
-                np.save(f, array)
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, final)
+        write_shard(final, arrays)
         generated += hi - lo
         if progress:
             progress(hi, num_images)
@@ -290,6 +333,20 @@ def generate_store(
     return manifest
 
 
+def write_shard(final: Path, arrays: Mapping[str, np.ndarray]) -> None:
+    """Write a shard's arrays to a temporary folder, fsync each file and rename it into place: a shard
+    folder either holds every array or does not exist (resume skips exactly the complete ones)."""
+    tmp = final.parent / f".{final.name}.{os.getpid()}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    for name, array in arrays.items():
+        with open(tmp / f"{name}.npy", "wb") as f:
+            np.save(f, array)
+            f.flush()
+            os.fsync(f.fileno())
+    os.replace(tmp, final)
+
+
 def _generate_shard(model, images, labels, first_index, key, meta, seed, chunk, device, manifest) -> dict:
     n = key["num_crops"]
     m, _, height, width = images.shape
@@ -297,10 +354,12 @@ def _generate_shard(model, images, labels, first_index, key, meta, seed, chunk, 
     boxes, flips = zip(*params, strict=True)
     boxes, flips = np.concatenate(boxes), np.concatenate(flips)
     owner = np.repeat(np.arange(m), n)
+    source = source_images(images, key["augment"])
+    height, width = source.shape[-2:]  # coords are normalised by the (padded) source size
     logits, embeddings = [], []
     for lo in range(0, len(owner), chunk):
         sel = slice(lo, lo + chunk)
-        crops = crop_resize(images[owner[sel]], boxes[sel], flips[sel], meta.size, meta.interpolation).to(device)
+        crops = crop_resize(source[owner[sel]], boxes[sel], flips[sel], meta.size, meta.interpolation).to(device)
         z, emb = teacher_forward(model, crops, meta, manifest["store_embeddings"])
         logits.append(z.float().cpu())
         if emb is not None:
@@ -519,9 +578,10 @@ class CachedTeacherDataset(torch.utils.data.Dataset):
         ds, store_k_classes = self.dataset, self.store.num_classes
         idx = torch.from_numpy(index)
         images = ds.images[idx]
-        _, _, h, w = images.shape
-        boxes = coords_to_boxes(data["coords"], h, w)
-        pixels = crop_resize(images, boxes, data["flips"], size=h, interpolation=self.interpolation)
+        size = images.shape[-2]
+        images = source_images(images, self.store.key["augment"])
+        boxes = coords_to_boxes(data["coords"], *images.shape[-2:])
+        pixels = crop_resize(images, boxes, data["flips"], size=size, interpolation=self.interpolation)
         batch = {
             "image": (pixels - ds.mean) / ds.std,
             "label": ds.labels[idx],
@@ -540,8 +600,19 @@ class CachedTeacherDataset(torch.utils.data.Dataset):
         return {k: v[0] for k, v in self.__getitems__([key]).items()}
 
 
-def replay_crop(image: Tensor, coords, flip: bool, size: int, interpolation: str = "bilinear") -> Tensor:
-    """One stored crop of one image (C, H, W) → float32 (C, size, size) in [0, 1]."""
+def import_fkd_tar(root: str | Path, path: str | Path, **kwargs) -> dict[str, Any]:
+    """Convert the official FKD per-image soft-label files (a folder, .zip or .tar of
+    `<wnid>/<stem>.tar` `torch.save` lists [coords, flips, labels]) into a store at `path`; see
+    `distillbench.datasets.fkd_import.import_fkd_tar` for the options."""
+    from .fkd_import import import_fkd_tar as convert
+
+    return convert(root, path, **kwargs)
+
+
+def replay_crop(image: Tensor, coords, flip: bool, size: int, interpolation: str = "bilinear", pad: int = 0) -> Tensor:
+    """One stored crop of one image (C, H, W) → float32 (C, size, size) in [0, 1] (`pad`: a pad-crop
+    store's padding, whose coords refer to the zero-padded image)."""
+    image = F.pad(image, (pad,) * 4) if pad else image
     _, h, w = image.shape
     boxes = coords_to_boxes(np.asarray(coords, dtype=np.float32)[None], h, w)
     return crop_resize(image[None], boxes, np.array([bool(flip)]), size, interpolation)[0]
@@ -556,10 +627,11 @@ def verify_store(
     index = np.sort(rng.choice(store.num_images, size=min(n, store.num_images), replace=False))
     data = store.gather(index)
     m, crops = len(index), store.num_crops
-    h, w = images.shape[-2:]
-    boxes = coords_to_boxes(np.asarray(data["coords"]).reshape(-1, 4), h, w)
+    source = source_images(images[torch.from_numpy(index)], store.key["augment"])
+    boxes = coords_to_boxes(np.asarray(data["coords"]).reshape(-1, 4), *source.shape[-2:])
     owner = torch.from_numpy(np.repeat(index, crops))
-    pixels = crop_resize(images[owner], boxes, np.asarray(data["flips"]).reshape(-1), meta.size, meta.interpolation)
+    rows = torch.from_numpy(np.repeat(np.arange(m), crops))
+    pixels = crop_resize(source[rows], boxes, np.asarray(data["flips"]).reshape(-1), meta.size, meta.interpolation)
     device = next(teacher.parameters()).device
     z, _ = teacher_forward(teacher.eval(), pixels.to(device), meta, False)
     z = z.float().cpu()

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from .base import DistillModule
 from .errors import MethodError
+from .optim import set_schedule_epoch
 from .registry import Stage, StageContext, register
 
 MIX_MODES = ("none", "cutmix", "mixup", "switch")
@@ -93,6 +94,14 @@ class FKD(DistillModule):
         super().__init__(*args, **kwargs)
         if self.hp.mix not in MIX_MODES:
             raise MethodError(f"mix must be one of {', '.join(MIX_MODES)}, got {self.hp.mix!r}")
+
+    def lr_scheduler_step(self, scheduler, metric) -> None:
+        """FKD's epoch accounting (§2): a per-epoch schedule is evaluated once per n-crop pass, at the pass's
+        start epoch e (the official loop runs e = 0, n, 2n, …); per-step schedules are left as they are."""
+        lr_epoch = getattr(self.trainer.datamodule, "lr_epoch", None)
+        if lr_epoch is None or self.schedule_spec.get("interval", "epoch") != "epoch":
+            return super().lr_scheduler_step(scheduler, metric)
+        set_schedule_epoch(scheduler, lr_epoch(self.current_epoch + 1))
 
     @staticmethod
     def soft_targets(batch: Mapping[str, Tensor]) -> Tensor:

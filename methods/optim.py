@@ -112,3 +112,18 @@ def step_scheduler(scheduler, *, interval: str, finished_epoch: int, global_step
             scheduler.step(epoch=finished_epoch + 1)
     else:
         scheduler.step()
+
+
+def set_schedule_epoch(scheduler, epoch: int) -> None:
+    """Put a per-epoch schedule at its value for `epoch` (closed form), whatever the previous epoch was —
+    e.g. FKD's accounting, where an n-crop pass runs at the lr of its start epoch (ferkd.md §2)."""
+    if isinstance(scheduler, Scheduler):
+        scheduler.step(epoch=epoch)
+    elif isinstance(scheduler, torch.optim.lr_scheduler.MultiStepLR):  # lr = base · γ^#{milestones ≤ epoch}
+        decays = sum(count for milestone, count in scheduler.milestones.items() if milestone <= epoch)
+        scheduler.last_epoch = epoch
+        scheduler._last_lr = [base * scheduler.gamma**decays for base in scheduler.base_lrs]
+        for group, lr in zip(scheduler.optimizer.param_groups, scheduler._last_lr, strict=True):
+            group["lr"] = lr
+    else:
+        raise MethodError(f"cannot set {type(scheduler).__name__} to an epoch")
