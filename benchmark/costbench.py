@@ -115,7 +115,7 @@ def measure(request: RunRequest, *, steps: int = 20, warmup: int = 3, say=print)
     r = resolve(request)
     protocol = r.protocol
     device = torch.device("cuda" if resolve_accelerator(request.accelerator) in ("gpu", "cuda") else "cpu")
-    datamodule = make_datamodule(protocol, seed=request.seed, data_root=request.data_root)
+    datamodule = make_datamodule(protocol, seed=request.seed, data_root=request.data_root, pair=r.pair)
     teacher, teacher_info = _build_teacher(r, datamodule, say) if r.spec.needs_teacher else (None, None)
     torch.manual_seed(request.seed)
     num_classes = datamodule.num_classes

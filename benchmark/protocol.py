@@ -29,7 +29,13 @@ from .errors import BenchmarkError
 
 OPTIMIZER_KEYS = {"name", "lr", "momentum", "nesterov", "weight_decay", "betas", "eps", "no_decay_bias_norm"}
 SCHEDULE_KEYS = {"name", "interval", "milestones", "gamma", "warmup_epochs", "warmup_lr", "min_lr"}
-AUGMENT_KEYS = {"kind", "pad", "flip", "scale", "ratio", "crop_pct"}
+AUGMENT_KEYS = {"kind", "pad", "flip", "scale", "ratio", "crop_pct", "auto_augment", "re_prob"}
+MIXUP_KEYS = {"mixup_alpha", "cutmix_alpha", "prob", "switch_prob"}
+#: a pair's student recipe beyond the optimizer: these replace the protocol's (ViT/MLP students of OFA)
+PAIR_RECIPE_KEYS = ("schedule", "augment", "mixup", "ema_decay", "grad_clip")
+#: a pair's own length and global batch (OFA's ImageNet ViT students: 300 epochs at 1024), folded into the
+#: protocol by `Protocol.for_pair`
+PAIR_SCALE_KEYS = ("epochs", "batch_size")
 TEACHER_SOURCES = ("train", "import")
 SOFT_LABEL_KEYS = {"num_crops", "k", "temperature", "scale", "ratio", "flip", "seed", "store_logits"}
 SOFT_LABEL_KEYS |= {"store_embeddings", "label_dtype", "kind", "pad"}
@@ -81,6 +87,19 @@ class PairSpec:
     optimizer: dict[str, Any] = field(default_factory=dict)  # overrides of the protocol's optimizer
     methods: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-method hparam overrides
     note: str = ""
+    # the student recipe of this pair where it is not the protocol's (each replaces the protocol's value)
+    schedule: dict[str, Any] = field(default_factory=dict)
+    augment: dict[str, Any] = field(default_factory=dict)
+    mixup: dict[str, Any] = field(default_factory=dict)
+    ema_decay: float | None = None
+    grad_clip: float | None = None
+    epochs: int | None = None
+    batch_size: int | None = None
+
+    def recipe_overrides(self) -> dict[str, Any]:
+        """The pair's own student recipe (only what it sets, so pairs without any keep their hash)."""
+        keys = (*PAIR_RECIPE_KEYS, *PAIR_SCALE_KEYS)
+        return {k: getattr(self, k) for k in keys if getattr(self, k) not in (None, {})}
 
     @property
     def name(self) -> str:
@@ -112,6 +131,12 @@ class Protocol:
     soft_labels: dict[str, Any] = field(default_factory=dict)
     #: set by `with_store_augment`: train on the store's crops (replayed or drawn live), not `augment`
     store_augment: bool = False
+    #: timm's Mixup/CutMix on every training batch (mixup_alpha, cutmix_alpha, prob, switch_prob; label
+    #: smoothing is `label_smoothing`); an EMA of the student's weights (timm ModelEmaV3, evaluated beside
+    #: them); gradient-norm clipping. Unset (the default) they are absent from the hash.
+    mixup: dict[str, Any] = field(default_factory=dict)
+    ema_decay: float | None = None
+    grad_clip: float | None = None
     source: str = ""  # the YAML file it came from (not hashed)
 
     # -- lookups -----------------------------------------------------------------------
@@ -139,11 +164,35 @@ class Protocol:
     def optimizer_for(self, pair: PairSpec) -> dict[str, Any]:
         return {**self.optimizer, **pair.optimizer}
 
+    def for_pair(self, pair: PairSpec) -> Protocol:
+        """The protocol with the pair's own epochs and global batch (the same protocol when it sets none)."""
+        epochs, batch = pair.epochs or self.epochs, pair.batch_size or self.batch_size
+        if (epochs, batch) == (self.epochs, self.batch_size):
+            return self
+        return dataclasses.replace(
+            self, epochs=epochs, batch_size=batch, schedule=_cut_milestones(self.schedule, epochs)
+        )
+
+    def student_recipe(self, pair: PairSpec) -> dict[str, Any]:
+        """The student's training recipe for `pair`: optimizer (the pair's keys over the protocol's),
+        schedule, augment, mixup, ema_decay, grad_clip (the pair's value where it sets one)."""
+        recipe = {k: getattr(self, k) for k in PAIR_RECIPE_KEYS}
+        recipe.update(pair.recipe_overrides())
+        if self.store_augment:  # the soft-label store's crops win over any augmentation
+            recipe["augment"] = self.train_augment
+        recipe["augment"] = dict(recipe["augment"])
+        recipe["optimizer"] = self.optimizer_for(pair)
+        return recipe
+
     def with_epochs(self, epochs: int) -> Protocol:
         """The same protocol with another epoch count (a different hash). Milestones past the end drop."""
         if epochs < 1:
             raise ProtocolError(f"epochs must be ≥ 1, got {epochs}")
-        return dataclasses.replace(self, epochs=epochs, schedule=_cut_milestones(self.schedule, epochs))
+        pairs = tuple(
+            dataclasses.replace(p, schedule=_cut_milestones(p.schedule, epochs), epochs=p.epochs and epochs)
+            for p in self.pairs
+        )
+        return dataclasses.replace(self, epochs=epochs, schedule=_cut_milestones(self.schedule, epochs), pairs=pairs)
 
     def with_teacher_epochs(self, epochs: int) -> Protocol:
         """The same protocol with a shorter/longer teacher recipe (another teacher key and hash): for smoke
@@ -192,6 +241,8 @@ class Protocol:
     # -- identity ----------------------------------------------------------------------
     def recipe(self, pair: PairSpec | None = None) -> dict[str, Any]:
         """What determines a run's number apart from method hyper-parameters."""
+        if pair is not None and (folded := self.for_pair(pair)) is not self:
+            return folded.recipe(pair)
         data = dataclasses.asdict(self)
         data["dataset"] = self._dataset_identity()
         for key in ("description", "pairs", "default_pair", "seeds", "methods", "source", "num_workers"):
@@ -202,8 +253,12 @@ class Protocol:
             data["augment"] = self.train_augment
         else:
             data.pop("soft_labels")
+        for key in ("mixup", "ema_decay", "grad_clip"):  # absent unless set, so older hashes stay valid
+            if data[key] in (None, {}):
+                data.pop(key)
         if pair is not None:
             data["pair"] = {"teacher": pair.teacher, "student": pair.student, "optimizer": pair.optimizer}
+            data["pair"].update(pair.recipe_overrides())
         return data
 
     def hash(self, pair: PairSpec | None = None) -> str:
@@ -333,8 +388,18 @@ def _validate(p: Protocol, where: str) -> None:
         raise ProtocolError(f"{where}: optimizer and teacher.optimizer need an 'lr'")
     if not p.pairs:
         raise ProtocolError(f"{where}: at least one teacher/student pair is required")
+    _check_student_recipe(p.mixup, p.ema_decay, p.grad_clip, where)
     for i, pair in enumerate(p.pairs):
-        _check_keys(pair.optimizer, OPTIMIZER_KEYS, f"{where}: pairs[{i}].optimizer")
+        at = f"{where}: pairs[{i}]"
+        _check_keys(pair.optimizer, OPTIMIZER_KEYS, f"{at}.optimizer")
+        if pair.schedule:
+            _check_keys(pair.schedule, SCHEDULE_KEYS, f"{at}.schedule")
+            _check_schedule(pair.schedule, pair.epochs or p.epochs, f"{at}.schedule")
+        if pair.augment:
+            _check_keys(pair.augment, AUGMENT_KEYS, f"{at}.augment")
+        _check_student_recipe(pair.mixup, pair.ema_decay, pair.grad_clip, at)
+        if (pair.epochs is not None and pair.epochs < 1) or (pair.batch_size is not None and pair.batch_size < 1):
+            raise ProtocolError(f"{at}: epochs and batch_size must be ≥ 1")
     names = p.pair_names()
     if len(set(names)) != len(names):
         raise ProtocolError(f"{where}: duplicate pairs")
@@ -355,6 +420,16 @@ def _validate(p: Protocol, where: str) -> None:
         raise ProtocolError(f"{where}: soft_labels.label_dtype must be float32 or float16")
     if p.selection != "last":
         raise ProtocolError(f"{where}: selection must be 'last' (the reported number is the last epoch's)")
+
+
+def _check_student_recipe(mixup: dict[str, Any], ema_decay: float | None, grad_clip: float | None, where: str) -> None:
+    _check_keys(mixup, MIXUP_KEYS, f"{where}.mixup")
+    if mixup and not (mixup.get("mixup_alpha", 0) > 0 or mixup.get("cutmix_alpha", 0) > 0):
+        raise ProtocolError(f"{where}.mixup: set mixup_alpha and/or cutmix_alpha > 0 (or leave mixup out)")
+    if ema_decay is not None and not 0.0 < ema_decay < 1.0:
+        raise ProtocolError(f"{where}.ema_decay must be in (0, 1), got {ema_decay}")
+    if grad_clip is not None and grad_clip <= 0:
+        raise ProtocolError(f"{where}.grad_clip must be > 0 (a gradient-norm bound), got {grad_clip}")
 
 
 def _check_schedule(spec: dict[str, Any], epochs: int, where: str) -> None:

@@ -26,6 +26,7 @@ from ..datasets import create_datamodule, get_datamodule_class
 from ..methods import FrozenTeacher, NonFiniteLossError, StageContext, get_method
 from . import cost
 from .checkpointing import RecordProgress, check_checkpoint_fits, find_resume_point, resume_checkpoint
+from .ema import StudentEMA
 from .errors import BenchmarkError
 from .protocol import Protocol, load_protocol
 from .results import (
@@ -90,7 +91,8 @@ class ResolvedRun:
         return self.path.with_suffix("")
 
 
-def make_datamodule(protocol: Protocol, *, seed: int, data_root: str | None = None):
+def make_datamodule(protocol: Protocol, *, seed: int, data_root: str | None = None, pair=None):
+    """The protocol's data; with `pair`, trained with that pair's augmentation (its student recipe)."""
     val = protocol.dataset.val_size
     return create_datamodule(
         protocol.dataset.name,
@@ -98,7 +100,7 @@ def make_datamodule(protocol: Protocol, *, seed: int, data_root: str | None = No
         val_size=int(val) if val >= 1 else val,
         split_seed=protocol.dataset.split_seed,
         seed=seed,
-        augment=protocol.train_augment,
+        augment=protocol.student_recipe(pair)["augment"] if pair is not None else protocol.train_augment,
         mean=protocol.input.mean,
         std=protocol.input.std,
         num_workers=protocol.num_workers,
@@ -119,6 +121,7 @@ def resolve(request: RunRequest) -> ResolvedRun:
     spec = get_method(request.method)
     protocol = request.protocol if isinstance(request.protocol, Protocol) else load_protocol(request.protocol)
     changes = dict(request.hparams)
+    protocol = protocol.for_pair(protocol.pair(request.pair))  # a pair's own epochs / global batch
     if request.epochs and request.epochs != protocol.epochs:
         protocol = protocol.with_epochs(request.epochs)
         changes["epochs"] = request.epochs
@@ -218,7 +221,7 @@ def run(request: RunRequest, say=print) -> dict[str, Any]:
         run_id = prior["run_id"] if prior and prior.get("run_id") else uuid.uuid4().hex[:12]
     os.environ["DISTILLBENCH_RUN_ID"] = run_id  # DDP workers re-run this command: share the id
 
-    datamodule = make_datamodule(protocol, seed=seed, data_root=request.data_root)
+    datamodule = make_datamodule(protocol, seed=seed, data_root=request.data_root, pair=pair)
     datamodule.setup()  # a missing or corrupt dataset fails here, before anything is written
     num_classes = datamodule.num_classes
     teacher, teacher_info = _build_teacher(r, datamodule, say) if r.spec.needs_teacher else (None, None)
@@ -264,6 +267,7 @@ def run(request: RunRequest, say=print) -> dict[str, Any]:
         use_wandb=request.wandb,
     )
     start = time.perf_counter()
+    recipe = protocol.student_recipe(pair)
     trainer, history, throughput = build_trainer(
         r.run_dir,
         accelerator=request.accelerator,
@@ -275,7 +279,11 @@ def run(request: RunRequest, say=print) -> dict[str, Any]:
         progress=request.progress,
         seed=seed,
         checkpoint_every_n_steps=request.checkpoint_every_n_steps,
-        callbacks=[RecordProgress(r.path, record, lambda: previous_time + time.perf_counter() - start)],
+        callbacks=[
+            RecordProgress(r.path, record, lambda: previous_time + time.perf_counter() - start),
+            *([StudentEMA(recipe["ema_decay"])] if recipe["ema_decay"] else []),
+        ],
+        gradient_clip_val=recipe["grad_clip"],
     )
     context = StageContext(
         method=request.method,
@@ -392,16 +400,18 @@ def build_module(
     """
     if module_cls is None:
         module_cls, _ = r.spec.plan(r.hparams)
+    recipe = r.protocol.student_recipe(r.pair)
     return module_cls(
         student,
         teacher,
         num_classes=num_classes,
         hparams=r.hparams,
-        optimizer=r.protocol.optimizer_for(r.pair),
-        schedule=r.protocol.schedule,
+        optimizer=recipe["optimizer"],
+        schedule=recipe["schedule"],
         epochs=r.protocol.epochs,
         label_smoothing=r.protocol.label_smoothing,
         artifacts=artifacts,
+        mixup={**recipe["mixup"], "seed": r.request.seed} if recipe["mixup"] else None,
     )
 
 
@@ -462,7 +472,8 @@ def _new_record(r: ResolvedRun, run_id: str, teacher_info: dict | None, student)
         "sync_batchnorm": uses_sync_batchnorm(request.accelerator, request.devices * request.num_nodes),
         "precision": request.precision,
         "optimizer": protocol.optimizer_for(pair),
-        "schedule": protocol.schedule,
+        "schedule": protocol.student_recipe(pair)["schedule"],
+        **_recipe_extras(protocol.student_recipe(pair)),
         "train_time_s": None,
         "throughput_img_s": None,
         "overhead_vs_student": None,
@@ -478,6 +489,16 @@ def _new_record(r: ResolvedRun, run_id: str, teacher_info: dict | None, student)
         "host": platform.node(),
         "error": None,
     }
+
+
+def _recipe_extras(recipe: dict[str, Any]) -> dict[str, Any]:
+    """Record fields for the student-recipe parts a run uses (absent otherwise, as in older records)."""
+    extras = {k: recipe[k] for k in ("mixup", "grad_clip") if recipe[k]}
+    if recipe["ema_decay"]:
+        extras["ema"] = StudentEMA.describe(recipe["ema_decay"])
+    if recipe["augment"].get("auto_augment") or recipe["augment"].get("re_prob"):
+        extras["augment"] = recipe["augment"]
+    return extras
 
 
 def _finish_record(

@@ -97,6 +97,7 @@ def build_trainer(
     seed: int | None = None,
     checkpoint_every_n_steps: int | None = None,
     callbacks: list[Any] | None = None,
+    gradient_clip_val: float | None = None,
 ) -> tuple[L.Trainer, EpochHistory, Throughput]:
     """`checkpoint`: keep `<run_dir>/checkpoints/last.ckpt` (every epoch end, and every
     `checkpoint_every_n_steps` optimizer steps when given) for exact resume; `seed`: re-seed the
@@ -131,5 +132,6 @@ def build_trainer(
         default_root_dir=str(run_dir),
         log_every_n_steps=10,
         plugins=[AtomicCheckpointIO()],
+        gradient_clip_val=gradient_clip_val,  # the gradient norm over all trained parameters (timm's clip_grad)
     )
     return trainer, history, throughput

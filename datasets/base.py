@@ -22,7 +22,7 @@ from sklearn.model_selection import train_test_split
 from torch import Tensor
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
 
-from . import augment
+from . import augment, timm_augment
 from .augment import eval_spec
 from .errors import DatasetError
 from .resumable import ResumableLoader
@@ -68,9 +68,16 @@ class ArrayDataset(Dataset):
         epoch = np.fromiter((p[1] for p in pairs), dtype=np.int64, count=len(pairs))
         idx = torch.from_numpy(index)
         images = self.images[idx]
-        if self.augment_spec:
-            images = augment.apply(images, index, epoch, self.seed, self.augment_spec)
-        return {"image": self.normalize(images), "label": self.labels[idx], "index": idx}
+        spec = self.augment_spec or {}
+        if spec:
+            images = augment.apply(images, index, epoch, self.seed, spec)
+        if spec.get("auto_augment"):  # timm's RandAugment after the crop (OFA's ViT/MLP-student recipe)
+            mean = self.mean.flatten().tolist()
+            images = timm_augment.rand_augment_uint8(images, index, epoch, self.seed, spec["auto_augment"], mean)
+        x = self.normalize(images)
+        if spec.get("re_prob"):  # timm's RandomErasing acts on the normalised image
+            x = timm_augment.random_erase(x, index, epoch, self.seed, float(spec["re_prob"]))
+        return {"image": x, "label": self.labels[idx], "index": idx}
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Tensor]:
         batch = self.__getitems__([key])

@@ -24,6 +24,7 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from . import timm_augment
 from .augment import DEFAULT_CROP_PCT, center_box, flip_mask, resize_shorter, rrc_params
 from .base import ArrayDataModule, stratified_split
 from .errors import CorruptDatasetError, DatasetError, DatasetNotFoundError
@@ -182,12 +183,17 @@ class ImageFileDataset(Dataset):
                 im = im.crop(box).resize((self.size, self.size), Image.BILINEAR)  # torchvision's order
                 out.append(im.transpose(Image.FLIP_LEFT_RIGHT) if flips[k] else im)
             images = out
+            if self.spec.get("auto_augment"):  # timm's RandAugment after the crop (OFA's ViT/MLP recipe)
+                mean = self.mean.flatten().tolist()
+                images = timm_augment.rand_augment(images, index, epoch, self.seed, self.spec["auto_augment"], mean)
         else:
             images = [self._eval(im) for im in images]
         batch = torch.from_numpy(np.stack([np.asarray(im, dtype=np.uint8) for im in images])).permute(0, 3, 1, 2)
         idx = torch.from_numpy(index)
-        x = (batch.float().div_(255.0) - self.mean) / self.std
-        return {"image": x.contiguous(), "label": self.labels[idx], "index": idx}
+        x = ((batch.float().div_(255.0) - self.mean) / self.std).contiguous()
+        if self.spec.get("re_prob"):  # timm's RandomErasing acts on the normalised image
+            x = timm_augment.random_erase(x, index, epoch, self.seed, float(self.spec["re_prob"]))
+        return {"image": x, "label": self.labels[idx], "index": idx}
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Tensor]:
         batch = self.__getitems__([key])

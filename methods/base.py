@@ -5,7 +5,10 @@ the *weighted* terms; the base sums them, logs each, stops on a non-finite loss,
 optimizer and schedule from the protocol, and measures top-1/top-5 with torchmetrics on the
 held-out validation split (dataloader 0) and the test split (dataloader 1) after every epoch.
 
-Batches are dicts: `image` (B, C, H, W) float, `label` (B,) int64, `index` (B,) int64.
+Batches are dicts: `image` (B, C, H, W) float, `label` (B,) int64, `index` (B,) int64. With the
+protocol's `mixup` (timm's Mixup/CutMix, applied once per training batch before `losses`, so teacher
+and student see the same tensor) `label` becomes (B, K) soft targets, label smoothing included; only
+methods with `mixed_labels = True` accept them.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from .errors import MethodError, NonFiniteLossError
+from .mixing import build_mixup
 from .optim import build_optimizer, build_scheduler, step_scheduler
 
 EVAL_SPLITS = ("val", "test")
@@ -107,6 +111,8 @@ class DistillModule(L.LightningModule):
     is_reference_student: ClassVar[bool] = False
     #: "labelled": the protocol's training split; "pool": an unlabelled web pool (datasets/webproxy.py)
     train_data: ClassVar[str] = "labelled"
+    #: whether `losses` accepts (B, K) soft labels (mixup/cutmix); others need class indices
+    mixed_labels: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -120,6 +126,7 @@ class DistillModule(L.LightningModule):
         epochs: int = 1,
         label_smoothing: float = 0.0,
         artifacts: Mapping[str, Any] | None = None,
+        mixup: Mapping[str, Any] | None = None,
     ):
         super().__init__()
         if self.needs_teacher and teacher is None:
@@ -133,6 +140,12 @@ class DistillModule(L.LightningModule):
         self.epochs = epochs
         self.artifacts = dict(artifacts or {})
         self.label_smoothing = label_smoothing
+        self.mixup = build_mixup(mixup, num_classes, label_smoothing) if mixup else None
+        if self.mixup is not None and not self.mixed_labels:
+            raise MethodError(
+                f"method {self.method_name!r} needs class-index labels, but this protocol pair trains with "
+                "mixup/cutmix (soft labels); use a method that accepts them (vanilla, kd, ofa) or another pair"
+            )
         self._batch_size = 1
         self._updated_splits: set[str] = set()
         self.eval_metrics = nn.ModuleDict({split: self._make_metrics(num_classes) for split in EVAL_SPLITS})
@@ -150,7 +163,11 @@ class DistillModule(L.LightningModule):
         raise NotImplementedError
 
     def classification_loss(self, logits: Tensor, labels: Tensor) -> Tensor:
-        """The protocol's criterion on student logits (CE, optionally label-smoothed), in float32."""
+        """The protocol's criterion on student logits (CE, optionally label-smoothed), in float32; with
+        (B, K) mixed labels, soft-target CE −Σ_k y_k log p_k (timm's SoftTargetCrossEntropy: the
+        smoothing is already in the targets)."""
+        if labels.dim() == 2:
+            return -(labels.float() * F.log_softmax(logits.float(), dim=1)).sum(dim=1).mean()
         return F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
 
     def teacher_logits(self, batch: Mapping[str, Tensor]) -> Tensor:
@@ -191,6 +208,8 @@ class DistillModule(L.LightningModule):
 
     def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
         self._batch_size = int(batch["image"].shape[0])
+        if self.mixup is not None:
+            batch = self.mixup(batch, step=self.global_step, rank=self.global_rank)
         terms = self.losses(batch)
         loss = torch.stack([t.float() for t in terms.values()]).sum()
         if not torch.isfinite(loss):

@@ -34,6 +34,8 @@ def kd_loss(logits_student: Tensor, logits_teacher: Tensor, temperature: float) 
 class KD(DistillModule):
     """KD: L = w_ce · CE(z_S, y) + w_kd · kd_loss(z_S, z_T, T)."""
 
+    mixed_labels = True  # CE takes soft targets; the KD term does not read labels
+
     def losses(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
         x, y = batch["image"], batch["label"]
         logits_s = self.student(x)

@@ -292,6 +292,8 @@ class NDMixin:
     classifiers in the wrapped method's own forwards.
     """
 
+    mixed_labels = False  # ND's class means are indexed by the label
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         settings = self.nd_settings()

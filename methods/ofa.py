@@ -327,6 +327,8 @@ def _broadcast(value, n: int, name: str) -> list[float]:
 class OFA(DistillModule):
     """OFA-KD: L = w_gt · CE + w_kd · OFA(z_S, z_T; ε_L) + w_ofa · Σ_s OFA(head_s(f_s), z_T; ε_s)."""
 
+    mixed_labels = True  # soft targets: CE on them, the OFA target mask from their argmax (ofa.md §1)
+
     def __init__(self, student: nn.Module, teacher=None, **kwargs):
         super().__init__(student, teacher, **kwargs)
         taps = plan_taps(student)

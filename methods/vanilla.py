@@ -16,6 +16,7 @@ class Vanilla(DistillModule):
 
     needs_teacher = False
     is_reference_student = True
+    mixed_labels = True
 
     def losses(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
         return {"ce": self.classification_loss(self.student(batch["image"]), batch["label"])}
