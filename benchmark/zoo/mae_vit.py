@@ -158,7 +158,8 @@ class MaeViT(VisionTransformer):
         `indices` are 0-based block indices (timm style: an int n means the last n blocks); each output is
         (B, 1 + n_visible, D). With `stop_early` no block after the last requested one runs and the first
         element is None."""
-        take, max_index = feature_take_indices(len(self.blocks), indices if indices is not None else [])
+        empty = indices is None or (not isinstance(indices, int) and len(indices) == 0)
+        take, max_index = ([], -1) if empty else feature_take_indices(len(self.blocks), indices)
         tokens = self.patch_embed(x) + self.pos_embed[:, 1:]
         if ids_keep is not None:
             tokens = gather_tokens(tokens, ids_keep)
