@@ -351,7 +351,7 @@ def run(request: RunRequest, say=print) -> dict[str, Any]:
 
 def stage_trainer_factory(request: RunRequest, seed: int):
     """`context.make_trainer(run_dir, epochs)` for stages that train (e.g. a MIM distillation stage): the run's
-    accelerator, precision and per-epoch RNG, a CSV log under `run_dir`, no checkpoints."""
+    accelerator, precision and per-epoch RNG, a CSV log under `run_dir`, no checkpoints, no evaluation."""
 
     def make(run_dir, epochs: int):
         trainer, history, _ = build_trainer(
@@ -366,6 +366,7 @@ def stage_trainer_factory(request: RunRequest, seed: int):
             seed=seed,
         )
         trainer.epoch_history = history
+        trainer.limit_val_batches = 0  # a pre-training stage has no classifier to evaluate yet
         return trainer
 
     return make

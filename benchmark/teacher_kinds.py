@@ -8,8 +8,9 @@ A pair's teacher `mae_vit_tiny_p2_8.mae` is the zoo's `mae_vit_tiny_p2_8` traine
   no classifier is trained, so the sidecar's top-1 is null.
 - `vit`: supervised training with the MAE fine-tuning recipe from scratch (`methods.mae.MAEFinetune`).
 
-A kind's recipe keys: `epochs`, `optimizer`, `schedule`, `seed`, plus `mask_ratio`/`norm_pix` (mae) or
-the fine-tuner's hyper-parameters (vit: layer_decay, drop_path, mixup, cutmix, smoothing, global_pool).
+A kind's recipe keys: `epochs`, `optimizer`, `schedule`, `seed`, `train_subset` (a fixed stratified subset
+of the training split, `methods.mae.subset_train_split`), plus `mask_ratio`/`norm_pix` (mae) or the
+fine-tuner's hyper-parameters (vit: layer_decay, drop_path, mixup, cutmix, smoothing, global_pool).
 Only pairs whose teacher has a kind hash that kind's recipe, so adding kinds to a protocol keeps the
 hashes of its other pairs and teachers.
 """
@@ -24,7 +25,10 @@ from .errors import BenchmarkError
 
 KINDS = ("mae", "vit")
 RECIPE_KEYS = {"epochs", "optimizer", "schedule", "seed"}
-KIND_KEYS = {"mae": RECIPE_KEYS | {"mask_ratio", "norm_pix"}, "vit": RECIPE_KEYS | set(FINETUNE_DEFAULTS)}
+KIND_KEYS = {
+    "mae": RECIPE_KEYS | {"mask_ratio", "norm_pix", "train_subset"},
+    "vit": RECIPE_KEYS | set(FINETUNE_DEFAULTS),
+}
 
 
 class TeacherKindError(BenchmarkError):

@@ -19,6 +19,7 @@ from typing import Any
 import lightning as L
 import torch
 
+from ..methods.mae import subset_train_split
 from ..methods.vanilla import Vanilla
 from .checkpointing import torch_save_atomic
 from .errors import CheckpointProblem
@@ -153,8 +154,10 @@ def train_teacher(
     fingerprint = datamodule.fingerprint()
     kind = kind_recipe(protocol, arch)
     epochs = int(kind["epochs"]) if kind else recipe.epochs
-    if kind is not None:  # a MIM teacher kind (benchmark.teacher_kinds): its own recipe and seed
+    if kind is not None:  # a MIM teacher kind (benchmark.teacher_kinds): its own recipe, seed and data subset
         L.seed_everything(int(kind.get("seed", recipe.seed)), workers=True, verbose=False)
+        if int(kind.get("train_subset") or 0) > 0:
+            subset_train_split(datamodule, int(kind["train_subset"]))
     model = create_model(arch, num_classes=datamodule.num_classes, in_chans=protocol.input.channels)
     if kind is not None:
         module = build_kind_module(
@@ -179,6 +182,8 @@ def train_teacher(
         progress=progress,
         checkpoint=False,
     )
+    if split_kind(arch)[1] == "mae":
+        trainer.limit_val_batches = 0  # no classifier is trained: nothing to evaluate
     start = time.perf_counter()
     trainer.fit(module, datamodule)
     if not trainer.is_global_zero:

@@ -24,7 +24,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .base import DistillModule, FrozenTeacher
 from .errors import MethodError
-from .mae import FINETUNE_DEFAULTS, MAEFinetune, MAEPretrain, check_mae_model
+from .mae import FINETUNE_DEFAULTS, MAEFinetune, MAEPretrain, check_mae_model, run_subset
 from .mae_utils import aligned_block, masked_pixel_loss, patchify, random_masking
 from .registry import Stage, StageContext, register
 
@@ -215,7 +215,7 @@ def run_distill(ctx: StageContext) -> dict[str, Any]:
     return {"encoder": str(encoder), "record": record}
 
 
-@register("dmae", defaults=DEFAULTS, stages=(Stage("distill", run_distill),))
+@register("dmae", defaults=DEFAULTS, stages=(Stage("subset", run_subset), Stage("distill", run_distill)))
 class DMAE(MAEFinetune):
     """DMAE: MAE + intermediate-feature distillation from an MAE teacher (distill), then MAE fine-tuning."""
 

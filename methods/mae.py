@@ -18,12 +18,16 @@ DistillModule's teacher-free path (`needs_teacher = False`) runs both; a MIM met
 
 from __future__ import annotations
 
+import copy
+import hashlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from sklearn.model_selection import train_test_split
 from timm.data import Mixup
 from timm.optim import param_groups_layer_decay, param_groups_weight_decay
 from torch import Tensor, nn
@@ -32,7 +36,7 @@ from .base import DistillModule
 from .errors import MethodError
 from .mae_utils import masked_pixel_loss, patchify
 from .optim import build_scheduler
-from .registry import register
+from .registry import Stage, StageContext, register
 
 #: official MAE checkpoint wrappers (`{"model": state_dict, ...}`)
 WRAPPER_KEYS = ("model", "state_dict")
@@ -143,6 +147,33 @@ class LinearProbe(nn.Module):
         return self.head(self.bn(tokens[:, 1:].mean(dim=1)))
 
 
+SUBSET_SEED = 0  # one subset for every run seed and method: arms differ only in the method
+
+
+def run_subset(ctx: StageContext) -> dict[str, Any] | None:
+    """`train_subset: N` (> 0): train on a fixed stratified N-image subset of the protocol's training split
+    (both stages; validation and test splits unchanged) — the small protocols' documented way to fit a MIM
+    run's budget. The subset depends only on the data and N (seed 0), not on the run seed."""
+    n = int(ctx.hparams.get("train_subset") or 0)
+    return subset_train_split(ctx.datamodule, n) if n > 0 else None
+
+
+def subset_train_split(dm, n: int) -> dict[str, Any]:
+    """Replace `dm`'s training split by its fixed stratified n-image subset (seed `SUBSET_SEED`)."""
+    dm.setup()
+    full = dm.train_set
+    if n >= len(full):
+        raise MethodError(f"train_subset={n} is not smaller than the training split ({len(full)} images)")
+    idx = np.arange(len(full))
+    _, chosen = train_test_split(idx, test_size=n, random_state=SUBSET_SEED, stratify=full.labels.numpy())
+    chosen = torch.from_numpy(np.sort(chosen))
+    subset = copy.copy(full)
+    subset.images, subset.labels = full.images[chosen], full.labels[chosen]
+    dm.train_set = subset
+    digest = hashlib.sha256(chosen.numpy().tobytes()).hexdigest()[:16]
+    return {"record": {"train_images": n, "of": len(full), "indices_sha256": digest, "seed": SUBSET_SEED}}
+
+
 FINETUNE_DEFAULTS: dict[str, Any] = {
     "layer_decay": 0.75,
     "drop_path": 0.1,
@@ -153,10 +184,11 @@ FINETUNE_DEFAULTS: dict[str, Any] = {
     "head_init_std": 2.0e-5,
     "init_checkpoint": "",  # "" = the distill stage's encoder, or scratch when there is none
     "probe": False,
+    "train_subset": 0,  # > 0: a fixed stratified subset of the training split (`run_subset`)
 }
 
 
-@register("mae_ft", defaults=FINETUNE_DEFAULTS, needs_teacher=False)
+@register("mae_ft", defaults=FINETUNE_DEFAULTS, stages=(Stage("subset", run_subset),), needs_teacher=False)
 class MAEFinetune(DistillModule):
     """MAE fine-tuning (or linear probing) of an MAE-ViT: scratch, from a checkpoint or from a distill stage."""
 

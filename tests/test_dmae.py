@@ -201,3 +201,21 @@ def test_dmae_end_to_end_on_digits(tmp_path):
         / "encoder.pt"
     )
     assert encoder.is_file()
+
+
+def test_train_subset_is_fixed_stratified_and_leaves_eval_splits():
+    from distillbench.benchmark.runner import make_datamodule
+    from distillbench.methods.mae import subset_train_split
+
+    protocol = load_protocol("digits")
+    first, second = (make_datamodule(protocol, seed=s) for s in (0, 1))
+    info = subset_train_split(first, 300)["record"]
+    assert info == subset_train_split(second, 300)["record"]  # the run seed does not move the subset
+    assert len(first.train_set) == 300 and torch.equal(first.train_set.images, second.train_set.images)
+    counts = torch.bincount(first.train_set.labels, minlength=10)
+    assert counts.min() >= 28 and counts.max() <= 32  # stratified: ~30 per class
+    full = make_datamodule(protocol, seed=0)
+    full.setup()
+    assert torch.equal(first.test_set.images, full.test_set.images) and len(first.val_set) == len(full.val_set)
+    with pytest.raises(MethodError, match="not smaller"):
+        subset_train_split(full, 10**6)
