@@ -27,7 +27,7 @@ KINDS = ("mae", "vit")
 RECIPE_KEYS = {"epochs", "optimizer", "schedule", "seed"}
 KIND_KEYS = {
     "mae": RECIPE_KEYS | {"mask_ratio", "norm_pix", "train_subset"},
-    "vit": RECIPE_KEYS | set(FINETUNE_DEFAULTS),
+    "vit": RECIPE_KEYS | set(FINETUNE_DEFAULTS) | {"train_subset"},
 }
 
 

@@ -218,6 +218,7 @@ def train_teacher(
     }
     if kind is not None:
         info.update(kind=split_kind(arch)[1], has_decoder=True, final_train_loss=last.get("train/loss"))
+        info["train_images"] = len(datamodule.train_set)
     write_json_atomic(sidecar, info)
     return info
 

@@ -10,7 +10,7 @@ from distillbench.benchmark.protocol import load_protocol
 from distillbench.benchmark.runner import RunRequest, run
 from distillbench.benchmark.teacher_import import import_teacher
 from distillbench.benchmark.teacher_kinds import split_kind
-from distillbench.benchmark.teachers import TeacherError
+from distillbench.benchmark.teachers import TeacherError, train_teacher
 from distillbench.benchmark.zoo import create_model
 from distillbench.methods import FrozenTeacher
 from distillbench.methods.dmae import DMAEDistill, dmae_feature_loss, masked_pixel_loss, teacher_features
@@ -169,7 +169,8 @@ def test_dmae_end_to_end_on_digits(tmp_path):
         "optimizer": {"name": "adamw", "lr": 1.0e-3, "weight_decay": 0.05},
         "pairs": [{"teacher": "mae_vit_tiny_p2_8.mae", "student": "mae_vit_micro_p2_8"}],
         "teacher_kinds": {
-            "mae": {"epochs": 1, "optimizer": {"name": "adamw", "lr": 1.0e-3, "betas": [0.9, 0.95]}, "norm_pix": True}
+            "mae": {"epochs": 1, "optimizer": {"name": "adamw", "lr": 1.0e-3, "betas": [0.9, 0.95]}, "norm_pix": True},
+            "vit": {"epochs": 1, "optimizer": {"name": "adamw", "lr": 1.0e-3}, "layer_decay": 1.0, "train_subset": 500},
         },
         "methods": {"dmae": {"distill_epochs": 1, "distill_warmup_epochs": 0, "mask_ratio": 0.9}},
     }
@@ -201,6 +202,9 @@ def test_dmae_end_to_end_on_digits(tmp_path):
         / "encoder.pt"
     )
     assert encoder.is_file()
+    # the supervised kind: a labelled ViT teacher, trained with the fine-tuning recipe on its subset
+    info = train_teacher(load_protocol(path), "mae_vit_micro_p2_8.vit", root=tmp_path / "t", progress=False)
+    assert info["kind"] == "vit" and info["top1"] is not None and info["epochs"] == 1
 
 
 def test_train_subset_is_fixed_stratified_and_leaves_eval_splits():

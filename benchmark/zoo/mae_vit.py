@@ -21,6 +21,9 @@ patch tokens are averaged before the final norm and `fc_norm` normalises the poo
   [decoder block outputs at `indices`, (B, 1 + L, D_dec), before `decoder_norm`]); `depth` runs only the
   first `depth` decoder blocks and returns None for the predictions (G2SD's truncated teacher decoder).
 
+timm's `forward_intermediates` is inherited unchanged (its final output is after `norm`, also with average
+pooling, where `forward_features` stops before `norm` as MAE's fine-tuned model has none).
+
 `mim_parameters()` / `classifier_parameters()` name the parts that only one of the two uses; the MAE
 pre-training and fine-tuning modules freeze the other part so DDP never sees an unused parameter.
 """
