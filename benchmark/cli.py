@@ -125,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     teachers.add_argument(
         "--checkpoint", default=None, help="import: a checkpoint file, or a timm tag with --format timm"
     )
-    teachers.add_argument("--format", default="auto", help="import: auto | mdistiller | state_dict | timm")
+    teachers.add_argument("--format", default="auto", help="import: auto | mdistiller | state_dict | timm | mae")
     teachers.add_argument("--teacher-epochs", type=int, default=None, help="train: override the recipe's epochs")
     teachers.add_argument("--arch", action="append", default=None, help="only these teacher architectures")
     teachers.add_argument("--teachers", default=None)
@@ -335,8 +335,8 @@ def _cmd_teachers_import(args: argparse.Namespace, protocol) -> int:
         force=args.force,
     )
     console.print(
-        f"[bold]distillbench[/]: imported {info['arch']} for {protocol.name}: measured test top-1 {info['top1']:.2f} "
-        f"(top-5 {info['top5']:.2f}, {info['test_images']} images), sha256 {info['sha256'][:12]}…"
+        f"[bold]distillbench[/]: imported {info['arch']} for {protocol.name}: measured test top-1 {_fmt(info['top1'])} "
+        f"(top-5 {_fmt(info['top5'])}, {info['test_images']} images), sha256 {info['sha256'][:12]}…"
     )
     return 0
 

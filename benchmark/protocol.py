@@ -26,6 +26,7 @@ from typing import Any
 import yaml
 
 from .errors import BenchmarkError
+from .teacher_kinds import kind_recipe, split_kind, validate_kinds
 
 OPTIMIZER_KEYS = {"name", "lr", "momentum", "nesterov", "weight_decay", "betas", "eps", "no_decay_bias_norm"}
 SCHEDULE_KEYS = {"name", "interval", "milestones", "gamma", "warmup_epochs", "warmup_lr", "min_lr"}
@@ -137,6 +138,11 @@ class Protocol:
     mixup: dict[str, Any] = field(default_factory=dict)
     ema_decay: float | None = None
     grad_clip: float | None = None
+    #: recipes of MIM teacher kinds (`benchmark.teacher_kinds`): a pair teacher `<arch>.<kind>` trains with
+    #: `teacher_kinds[kind]`; hashed only into the pairs and teachers of that kind
+    teacher_kinds: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: per-method default pair (e.g. MIM methods run on an MAE-ViT pair when PAIR is not given); not hashed
+    method_pairs: dict[str, str] = field(default_factory=dict)
     source: str = ""  # the YAML file it came from (not hashed)
 
     # -- lookups -----------------------------------------------------------------------
@@ -146,6 +152,10 @@ class Protocol:
             if pair.name == name:
                 return pair
         raise ProtocolError(f"protocol {self.name!r} has no pair {name!r}; valid pairs: {', '.join(self.pair_names())}")
+
+    def pair_for(self, method: str, name: str | None = None) -> PairSpec:
+        """The pair a run of `method` uses: `name`, else the method's default pair, else the protocol's."""
+        return self.pair(name or self.method_pairs.get(method))
 
     def pair_names(self) -> list[str]:
         return [p.name for p in self.pairs]
@@ -204,7 +214,8 @@ class Protocol:
         recipe = dataclasses.replace(
             self.teacher, epochs=epochs, schedule=_cut_milestones(self.teacher.schedule, epochs)
         )
-        return dataclasses.replace(self, teacher=recipe)
+        kinds = {kind: {**r, "epochs": epochs} for kind, r in self.teacher_kinds.items()}
+        return dataclasses.replace(self, teacher=recipe, teacher_kinds=kinds)
 
     def with_store_augment(self, num_crops: int | None = None) -> Protocol:
         """Train with the soft-label store's RandomResizedCrop instead of `augment` (a different hash)."""
@@ -247,6 +258,7 @@ class Protocol:
         data["dataset"] = self._dataset_identity()
         for key in ("description", "pairs", "default_pair", "seeds", "methods", "source", "num_workers"):
             data.pop(key)
+        data.pop("teacher_kinds"), data.pop("method_pairs")
         data["teacher"] = self.teacher.identity()
         # absent unless a run trains on the store's crops, so older records keep their hash
         if data.pop("store_augment"):
@@ -259,6 +271,9 @@ class Protocol:
         if pair is not None:
             data["pair"] = {"teacher": pair.teacher, "student": pair.student, "optimizer": pair.optimizer}
             data["pair"].update(pair.recipe_overrides())
+            kind = kind_recipe(self, pair.teacher)
+            if kind is not None:
+                data["teacher_kind"] = kind
         return data
 
     def hash(self, pair: PairSpec | None = None) -> str:
@@ -274,18 +289,20 @@ class Protocol:
     def teacher_key(self, arch: str, data_fingerprint: str) -> str:
         """Identity of a teacher trained under this protocol: the training data's fingerprint, splits,
         input, augmentation, teacher recipe and architecture — not the student's recipe."""
-        return content_hash(
-            {
-                "data": data_fingerprint,
-                "dataset": self._dataset_identity(),
-                "input": dataclasses.asdict(self.input),
-                "augment": self.augment,
-                "batch_size": self.batch_size,
-                "label_smoothing": self.label_smoothing,
-                "teacher": self.teacher.identity(),
-                "arch": arch,
-            }
-        )
+        identity = {
+            "data": data_fingerprint,
+            "dataset": self._dataset_identity(),
+            "input": dataclasses.asdict(self.input),
+            "augment": self.augment,
+            "batch_size": self.batch_size,
+            "label_smoothing": self.label_smoothing,
+            "teacher": self.teacher.identity(),
+            "arch": arch,
+        }
+        kind = kind_recipe(self, arch)
+        if kind is not None:
+            identity["teacher_kind"] = kind
+        return content_hash(identity)
 
 
 def _cut_milestones(schedule: dict[str, Any], epochs: int) -> dict[str, Any]:
@@ -418,6 +435,13 @@ def _validate(p: Protocol, where: str) -> None:
             raise ProtocolError(f"{where}: a padcrop store holds every view: num_crops must be {views}")
     if p.soft_labels.get("label_dtype", "float32") not in ("float32", "float16"):
         raise ProtocolError(f"{where}: soft_labels.label_dtype must be float32 or float16")
+    validate_kinds(p.teacher_kinds, where)
+    for method, pair_name in p.method_pairs.items():
+        if pair_name not in names:
+            raise ProtocolError(f"{where}: method_pairs.{method}: {pair_name!r} is not one of {', '.join(names)}")
+    for pair in p.pairs:
+        if split_kind(pair.teacher)[1] is not None and p.teacher.source == "train":
+            kind_recipe(p, pair.teacher)  # the kind's recipe must exist
     if p.selection != "last":
         raise ProtocolError(f"{where}: selection must be 'last' (the reported number is the last epoch's)")
 

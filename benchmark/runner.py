@@ -128,7 +128,7 @@ def resolve(request: RunRequest) -> ResolvedRun:
     if request.teacher_epochs:
         protocol = protocol.with_teacher_epochs(request.teacher_epochs)
         changes["teacher_epochs"] = request.teacher_epochs
-    pair = protocol.pair(request.pair)
+    pair = protocol.pair_for(request.method, request.pair)
     protocol = _store_protocol(request, spec, protocol, changes)
     hparams = spec.resolve_hparams(
         protocol.methods.get(request.method), pair.methods.get(request.method), request.hparams
@@ -303,6 +303,7 @@ def run(request: RunRequest, say=print) -> dict[str, Any]:
     input_shape = (protocol.input.channels, protocol.input.size, protocol.input.size)
     context.build_model = lambda name: create_model(name, num_classes=num_classes, in_chans=protocol.input.channels)
     context.count_flops = lambda model: cost.count_flops(model, input_shape)
+    context.make_trainer = stage_trainer_factory(request, seed)
     start = time.perf_counter()
     module = None
     module_cls, stages = r.spec.plan(r.hparams)
@@ -311,6 +312,8 @@ def run(request: RunRequest, say=print) -> dict[str, Any]:
             say(f"stage {stage.name!r} of {request.method} …")
             stage_start = time.perf_counter()
             context.artifacts[stage.name] = stage.run(context)
+            if isinstance(context.artifacts[stage.name], dict) and "record" in context.artifacts[stage.name]:
+                record.setdefault("stages", {})[stage.name] = context.artifacts[stage.name]["record"]
             record.setdefault("stage_time_s", {})[stage.name] = round(time.perf_counter() - stage_start, 2)
         if request.teacher_cache and "soft_labels" not in context.artifacts:
             context.artifacts["soft_labels"] = context.soft_labels(require_logits=True)
@@ -352,6 +355,29 @@ def run(request: RunRequest, say=print) -> dict[str, Any]:
             if trainer.is_global_zero:
                 save_record(r.path, record)
     return record
+
+
+def stage_trainer_factory(request: RunRequest, seed: int):
+    """`context.make_trainer(run_dir, epochs)` for stages that train (e.g. a MIM distillation stage): the run's
+    accelerator, precision and per-epoch RNG, a CSV log under `run_dir`, no checkpoints, no evaluation."""
+
+    def make(run_dir, epochs: int):
+        trainer, history, _ = build_trainer(
+            Path(run_dir),
+            accelerator=request.accelerator,
+            devices=request.devices,
+            num_nodes=request.num_nodes,
+            precision=request.precision,
+            epochs=epochs,
+            progress=request.progress,
+            checkpoint=False,
+            seed=seed,
+        )
+        trainer.epoch_history = history
+        trainer.limit_val_batches = 0  # a pre-training stage has no classifier to evaluate yet
+        return trainer
+
+    return make
 
 
 def soft_label_source(context: StageContext, r: ResolvedRun, teacher: FrozenTeacher, say):

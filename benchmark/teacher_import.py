@@ -30,11 +30,12 @@ from torch import nn
 
 from .protocol import Protocol
 from .results import git_commit, now_iso, write_json_atomic
+from .teacher_kinds import adopt_mae_checkpoint, split_kind
 from .teachers import SIDECAR_SCHEMA, TeacherError, save_checkpoint_atomic, sha256_file, teacher_paths
 from .trainer import resolve_accelerator
 from .zoo import StateDictMismatchError, adopt_state_dict, create_model
 
-FORMATS = ("auto", "mdistiller", "state_dict", "timm")
+FORMATS = ("auto", "mdistiller", "state_dict", "timm", "mae")
 WRAPPER_KEYS = ("model", "net", "state_dict")
 
 
@@ -57,7 +58,11 @@ def read_checkpoint(path: Path, fmt: str) -> dict[str, torch.Tensor]:
             f"{path}: an mdistiller/RepDistiller checkpoint holds its weights under 'model' or 'net'; "
             f"found keys {sorted(map(str, data))[:8]} — use --format state_dict for a plain state_dict"
         )
-    state = data[wrapper] if wrapper is not None and fmt in ("mdistiller", "auto") else data
+    if fmt == "mae" and not isinstance(data.get("model"), dict):
+        raise TeacherError(
+            f"{path}: an official MAE checkpoint holds its weights under 'model'; found {sorted(map(str, data))[:8]}"
+        )
+    state = data[wrapper] if wrapper is not None and fmt in ("mdistiller", "auto", "mae") else data
     bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
     if bad:
         raise TeacherError(f"{path}: not a state_dict — non-tensor entries {bad[:5]} (format {fmt!r})")
@@ -152,8 +157,11 @@ def import_teacher(
     else:
         path = Path(checkpoint)
         state, origin = read_checkpoint(path, fmt), {"file": str(path.resolve()), "file_sha256": sha256_file(path)}
-    note = ""
-    if fmt in ("auto", "mdistiller") and set(state) != set(model.state_dict()):
+    note, mim = "", {}
+    if hasattr(model, "mim_parameters"):  # a zoo MAE-ViT: official MAE key names, strict by role
+        mim = adopt_mae_checkpoint(model, state, arch, checkpoint)
+        state = model.state_dict()
+    elif fmt in ("auto", "mdistiller") and set(state) != set(model.state_dict()):
         try:  # reference module names differ from the zoo's; the zoo keeps the reference layer order
             state = adopt_state_dict(model, state, arch)
         except StateDictMismatchError as exc:
@@ -161,7 +169,10 @@ def import_teacher(
     load_strict(model, state, arch, checkpoint, note)
     device = torch.device("cuda" if resolve_accelerator(accelerator) in ("gpu", "cuda") else "cpu")
     start = time.perf_counter()
-    measured = evaluate(model, datamodule.test_dataloader(), device)
+    if split_kind(arch)[1] == "mae":  # a pre-trained MAE has no classifier to evaluate
+        measured = {"top1": None, "top5": None, "n": 0}
+    else:
+        measured = evaluate(model, datamodule.test_dataloader(), device)
     fingerprint = datamodule.fingerprint()
     digest = save_checkpoint_atomic({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, ckpt)
     info = {
@@ -179,8 +190,8 @@ def import_teacher(
             "std": list(protocol.input.std),
         },
         "sha256": digest,
-        "top1": round(measured["top1"], 4),
-        "top5": round(measured["top5"], 4),
+        "top1": None if measured["top1"] is None else round(measured["top1"], 4),
+        "top5": None if measured["top5"] is None else round(measured["top5"], 4),
         "test_images": measured["n"],
         "source": "imported",
         "imported_from": {"format": fmt, **origin},
@@ -188,5 +199,7 @@ def import_teacher(
         "imported_at": now_iso(),
         "git_commit": git_commit(),
     }
+    if mim:
+        info.update(kind=split_kind(arch)[1], has_decoder=mim["has_decoder"], not_in_checkpoint=mim["missing"])
     write_json_atomic(sidecar, info)
     return info

@@ -19,11 +19,13 @@ from typing import Any
 import lightning as L
 import torch
 
+from ..methods.mae import subset_train_split
 from ..methods.vanilla import Vanilla
 from .checkpointing import torch_save_atomic
 from .errors import CheckpointProblem
 from .protocol import Protocol
 from .results import git_commit, now_iso, write_json_atomic
+from .teacher_kinds import build_kind_module, kind_recipe, split_kind
 from .zoo import create_model
 
 SIDECAR_SCHEMA = 1
@@ -150,25 +152,38 @@ def train_teacher(
     L.seed_everything(recipe.seed, workers=True, verbose=False)
     datamodule = make_datamodule(protocol, seed=recipe.seed, data_root=data_root)
     fingerprint = datamodule.fingerprint()
+    kind = kind_recipe(protocol, arch)
+    epochs = int(kind["epochs"]) if kind else recipe.epochs
+    if kind is not None:  # a MIM teacher kind (benchmark.teacher_kinds): its own recipe, seed and data subset
+        L.seed_everything(int(kind.get("seed", recipe.seed)), workers=True, verbose=False)
+        if int(kind.get("train_subset") or 0) > 0:
+            subset_train_split(datamodule, int(kind["train_subset"]))
     model = create_model(arch, num_classes=datamodule.num_classes, in_chans=protocol.input.channels)
-    module = Vanilla(
-        model,
-        num_classes=datamodule.num_classes,
-        optimizer=recipe.optimizer,
-        schedule=recipe.schedule,
-        epochs=recipe.epochs,
-        label_smoothing=protocol.label_smoothing,
-    )
+    if kind is not None:
+        module = build_kind_module(
+            arch, kind, model, num_classes=datamodule.num_classes, label_smoothing=protocol.label_smoothing
+        )
+    else:
+        module = Vanilla(
+            model,
+            num_classes=datamodule.num_classes,
+            optimizer=recipe.optimizer,
+            schedule=recipe.schedule,
+            epochs=recipe.epochs,
+            label_smoothing=protocol.label_smoothing,
+        )
     log_dir = ckpt.parent / f"{arch}.logs"
     trainer, history, _ = build_trainer(
         log_dir,
         accelerator=accelerator,
         devices=devices,
         num_nodes=num_nodes,
-        epochs=recipe.epochs,
+        epochs=epochs,
         progress=progress,
         checkpoint=False,
     )
+    if split_kind(arch)[1] == "mae":
+        trainer.limit_val_batches = 0  # no classifier is trained: nothing to evaluate
     start = time.perf_counter()
     trainer.fit(module, datamodule)
     if not trainer.is_global_zero:
@@ -190,16 +205,20 @@ def train_teacher(
             "std": list(protocol.input.std),
         },
         "sha256": digest,
-        "top1": last.get("test/top1"),
-        "top5": last.get("test/top5"),
-        "val_top1": last.get("val/top1"),
-        "epochs": recipe.epochs,
-        "seed": recipe.seed,
+        # an MAE-pretrained teacher has no trained classifier: no accuracy to report
+        "top1": None if split_kind(arch)[1] == "mae" else last.get("test/top1"),
+        "top5": None if split_kind(arch)[1] == "mae" else last.get("test/top5"),
+        "val_top1": None if split_kind(arch)[1] == "mae" else last.get("val/top1"),
+        "epochs": epochs,
+        "seed": int(kind.get("seed", recipe.seed)) if kind else recipe.seed,
         "source": "trained",
         "train_time_s": round(time.perf_counter() - start, 1),
         "trained_at": now_iso(),
         "git_commit": git_commit(),
     }
+    if kind is not None:
+        info.update(kind=split_kind(arch)[1], has_decoder=True, final_train_loss=last.get("train/loss"))
+        info["train_images"] = len(datamodule.train_set)
     write_json_atomic(sidecar, info)
     return info
 

@@ -14,7 +14,7 @@ import timm
 from torch import nn
 
 from ..errors import BenchmarkError
-from . import cifar_resnet, cifar_resnet50, mobilenet, shufflenet, tiny_token, vgg, wrn
+from . import cifar_resnet, cifar_resnet50, mae_vit, mobilenet, shufflenet, tiny_token, vgg, wrn
 from .convert import StateDictMismatchError, adopt_state_dict
 
 __all__ = [
@@ -34,7 +34,7 @@ def register_model(name: str, factory: Callable[..., nn.Module]) -> None:
     _MODELS[name] = factory
 
 
-for _family in (cifar_resnet, cifar_resnet50, wrn, vgg, mobilenet, shufflenet, tiny_token):
+for _family in (cifar_resnet, cifar_resnet50, wrn, vgg, mobilenet, shufflenet, tiny_token, mae_vit):
     _family.register_all(register_model)
 
 
@@ -46,13 +46,20 @@ def list_models() -> list[str]:
     return sorted(_MODELS)
 
 
+def _zoo_name(name: str) -> str:
+    """A zoo name with an optional `.tag` (a teacher kind such as `mae_vit_tiny_p2_8.mae`) → the zoo name."""
+    base = name.rpartition(".")[0]
+    return base if name not in _MODELS and base in _MODELS else name
+
+
 def is_model(name: str) -> bool:
-    return name in _MODELS or timm.is_model(name)
+    return _zoo_name(name) in _MODELS or timm.is_model(name)
 
 
 def create_model(
     name: str, num_classes: int = 1000, in_chans: int = 3, pretrained: bool = False, **kwargs
 ) -> nn.Module:
+    name = _zoo_name(name)
     if name in _MODELS:
         if pretrained:
             raise BenchmarkError(f"{name!r} has no pretrained weights; import a checkpoint instead")
