@@ -157,10 +157,14 @@ def test_imagenet_hetero_is_ofas_imagenet_cnn_recipe():
         "warmup_lr": 1e-4,
     }
     assert p.teacher.source == "import" and p.dataset.val_size == 10000
-    for pair in p.pairs:
+    cnn_students = [pair for pair in p.pairs if pair.student in ("resnet18", "mobilenetv2_100")]
+    for pair in cnn_students:
         hp = _hparams(p, pair, "ofa")
         assert (hp["eps"], hp["ofa_weight"], hp["stages"]) == (1.5, 1.0, [1, 2, 3, 4]), pair.name
-    assert {p.student for p in p.pairs} == {"resnet18", "mobilenetv2_100"}
+    # the ViT student (ConvNeXt-T -> DeiT-T) keeps the official code's default eps = 1.0 and its own recipe
+    (vit_pair,) = [pair for pair in p.pairs if pair not in cnn_students]
+    assert vit_pair.name == "convnext_tiny__deit_tiny_patch16_224"
+    assert _hparams(p, vit_pair, "ofa")["eps"] == 1.0
 
 
 def test_schedules_are_validated(tmp_path):

@@ -118,7 +118,7 @@ def test_soft_targets_train_vanilla_kd_ofa_and_are_refused_elsewhere():
     teacher = FrozenTeacher(create_model("resnet8", num_classes=5, in_chans=3))
     for name in ("vanilla", "kd", "ofa", "dkd"):
         m = get_method(name)
-        build = lambda: m.module_cls(  # noqa: E731
+        build = lambda m=m: m.module_cls(  # noqa: E731
             create_model("resnet8", num_classes=5, in_chans=3),
             teacher,
             num_classes=5,
