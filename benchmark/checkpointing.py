@@ -232,7 +232,7 @@ def find_resume_point(run: Any, existing: dict[str, Any]) -> tuple[Path, dict[st
         return None
     current = {
         "method": run.request.method,
-        "protocol_hash": run.protocol.hash(run.pair),
+        "protocol_hash": run.protocol.hash(run.pair, getattr(run, "extra_teachers", None)),
         "hparams": json.loads(json.dumps(run.hparams)),
         "seed": run.request.seed,
         "precision": run.request.precision,

@@ -288,7 +288,7 @@ def cmd_teachers(args: argparse.Namespace) -> int:
     if args.teacher_epochs:
         protocol = protocol.with_teacher_epochs(args.teacher_epochs)
     fingerprint = make_datamodule(protocol, seed=0, data_root=args.data_root).fingerprint()
-    archs = args.arch or sorted({p.teacher for p in protocol.pairs})
+    archs = args.arch or sorted({p.teacher for p in protocol.pairs} | set(method_teachers(protocol)))
     table = Table(title=f"teachers of {protocol.name}")
     for col in ("arch", "action", "test top-1", "sha256", "checkpoint"):
         table.add_column(col)
@@ -317,6 +317,21 @@ def cmd_teachers(args: argparse.Namespace) -> int:
     if os.environ.get("LOCAL_RANK", "0") == "0":
         Console().print(table)
     return 0
+
+
+def method_teachers(protocol) -> list[str]:
+    """The extra teachers (`MethodSpec.teacher_hparams`, e.g. Hybrid Distill's `tc`) that the protocol's
+    method settings name, protocol-wide or per pair — trained by `make teachers` beside the pairs' own."""
+    from ..methods import get_method, list_methods
+
+    found: set[str] = set()
+    layers = [protocol.methods, *(p.methods for p in protocol.pairs)]
+    for name in list_methods():
+        spec = get_method(name)
+        for layer in layers:
+            if spec.teacher_hparams and name in layer:
+                found.update(spec.extra_teachers({**spec.defaults, **layer[name]}).values())
+    return sorted(found)
 
 
 def _cmd_teachers_import(args: argparse.Namespace, protocol) -> int:

@@ -134,6 +134,7 @@ def measure(request: RunRequest, *, steps: int = 20, warmup: int = 3, say=print)
             cache_dir=Path(teacher_info["checkpoint"]).parent if teacher_info else Path(work),
             student=student,
             student_arch=r.pair.student,
+            teachers={key: _build_teacher(r, datamodule, say, arch)[0] for key, arch in r.extra_teachers.items()},
         )
         if uses_store(request, r.spec):
             context.soft_labels = soft_label_source(context, r, teacher, say)

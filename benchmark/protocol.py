@@ -18,6 +18,7 @@ import hashlib
 import json
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -250,10 +251,12 @@ class Protocol:
         }
 
     # -- identity ----------------------------------------------------------------------
-    def recipe(self, pair: PairSpec | None = None) -> dict[str, Any]:
-        """What determines a run's number apart from method hyper-parameters."""
+    def recipe(self, pair: PairSpec | None = None, extra_teachers: Mapping[str, str] | None = None) -> dict[str, Any]:
+        """What determines a run's number apart from method hyper-parameters. `extra_teachers` ({role: arch},
+        a method's `teacher_hparams`) adds each extra teacher's arch and kind recipe (absent when there is
+        none, so other runs keep their hash)."""
         if pair is not None and (folded := self.for_pair(pair)) is not self:
-            return folded.recipe(pair)
+            return folded.recipe(pair, extra_teachers)
         data = dataclasses.asdict(self)
         data["dataset"] = self._dataset_identity()
         for key in ("description", "pairs", "default_pair", "seeds", "methods", "source", "num_workers"):
@@ -274,10 +277,15 @@ class Protocol:
             kind = kind_recipe(self, pair.teacher)
             if kind is not None:
                 data["teacher_kind"] = kind
+        if extra_teachers:
+            data["extra_teachers"] = {
+                role: {"arch": arch, **({"kind": k} if (k := kind_recipe(self, arch)) is not None else {})}
+                for role, arch in sorted(extra_teachers.items())
+            }
         return data
 
-    def hash(self, pair: PairSpec | None = None) -> str:
-        return content_hash(self.recipe(pair))
+    def hash(self, pair: PairSpec | None = None, extra_teachers: Mapping[str, str] | None = None) -> str:
+        return content_hash(self.recipe(pair, extra_teachers))
 
     def _dataset_identity(self) -> dict[str, Any]:
         """The dataset spec as hashed; empty `options` are left out so older hashes stay valid."""

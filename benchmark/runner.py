@@ -85,10 +85,17 @@ class ResolvedRun:
     variant: str
     pair_label: str
     path: Path
+    #: {hyper-parameter: arch} of the method's extra teachers (`MethodSpec.teacher_hparams`)
+    extra_teachers: dict[str, str] = field(default_factory=dict)
 
     @property
     def run_dir(self) -> Path:
         return self.path.with_suffix("")
+
+    @property
+    def protocol_hash(self) -> str:
+        """The run's protocol hash: the pair's, plus the extra teachers' identities when the method has any."""
+        return self.protocol.hash(self.pair, self.extra_teachers)
 
 
 def make_datamodule(protocol: Protocol, *, seed: int, data_root: str | None = None, pair=None):
@@ -153,7 +160,9 @@ def resolve(request: RunRequest) -> ResolvedRun:
             f"{resolve_accelerator(request.accelerator)} device(s) are available"
         )
     get_datamodule_class(protocol.dataset.name)
+    extra_teachers = spec.extra_teachers(hparams) if spec.needs_teacher else {}
     roles = {"student": pair.student, **({"teacher": pair.teacher} if spec.needs_teacher else {})}
+    roles.update({f"teacher {key!r}": arch for key, arch in extra_teachers.items()})
     for role, arch in roles.items():
         if not is_model(arch):
             try:
@@ -164,7 +173,8 @@ def resolve(request: RunRequest) -> ResolvedRun:
         pair = protocol.reference_pair(pair)
     pair_label = pair.name if spec.needs_teacher else f"none__{pair.student}"
     path = record_path(request.results, protocol.name, request.method, variant, pair_label, request.seed)
-    return ResolvedRun(request, protocol, spec, pair, hparams, variant, pair_label, path)
+    protocol.recipe(pair, extra_teachers)  # an extra teacher of a kind without a recipe fails here
+    return ResolvedRun(request, protocol, spec, pair, hparams, variant, pair_label, path, extra_teachers)
 
 
 def uses_store(request: RunRequest, spec) -> bool:
@@ -225,9 +235,12 @@ def run(request: RunRequest, say=print) -> dict[str, Any]:
     datamodule.setup()  # a missing or corrupt dataset fails here, before anything is written
     num_classes = datamodule.num_classes
     teacher, teacher_info = _build_teacher(r, datamodule, say) if r.spec.needs_teacher else (None, None)
+    extra = {key: _build_teacher(r, datamodule, say, arch) for key, arch in r.extra_teachers.items()}
     L.seed_everything(seed, workers=True, verbose=False)  # after any teacher training: same init either way
     student = create_model(pair.student, num_classes=num_classes, in_chans=protocol.input.channels)
     record = _new_record(r, run_id, teacher_info, student)
+    if extra:
+        record["extra_teachers"] = {key: summary for key, (_, summary) in extra.items()}
     if prior is not None:
         record["started_at"] = prior.get("started_at", record["started_at"])
         point = {k: v for k, v in ckpt_info.items() if k != "shapes"}
@@ -297,6 +310,7 @@ def run(request: RunRequest, say=print) -> dict[str, Any]:
         cache_dir=Path(teacher_info["checkpoint"]).parent if teacher_info else r.run_dir,
         student=student,
         student_arch=pair.student,
+        teachers={key: frozen for key, (frozen, _) in extra.items()},
     )
     if uses_store(request, r.spec):
         context.soft_labels = soft_label_source(context, r, teacher, say)
@@ -441,11 +455,13 @@ def build_module(
     )
 
 
-def _build_teacher(r: ResolvedRun, datamodule, say) -> tuple[FrozenTeacher, dict[str, Any]]:
+def _build_teacher(r: ResolvedRun, datamodule, say, arch: str | None = None) -> tuple[FrozenTeacher, dict[str, Any]]:
+    """The pair's teacher (or the teacher `arch`, an extra teacher of the method), frozen, with its summary."""
     request, protocol = r.request, r.protocol
+    arch = arch or r.pair.teacher
     model, info = ensure_teacher(
         protocol,
-        r.pair.teacher,
+        arch,
         data_fingerprint=datamodule.fingerprint(),
         root=request.teachers,
         accelerator=request.accelerator,
@@ -460,7 +476,7 @@ def _build_teacher(r: ResolvedRun, datamodule, say) -> tuple[FrozenTeacher, dict
         teacher_stats=(info["input"]["mean"], info["input"]["std"]),
     )
     summary = {
-        "arch": r.pair.teacher,
+        "arch": arch,
         "checkpoint": info["checkpoint"],
         "checkpoint_sha256": info["sha256"],
         "top1": info.get("top1"),
@@ -482,7 +498,7 @@ def _new_record(r: ResolvedRun, run_id: str, teacher_info: dict | None, student)
         "hparams": r.hparams,
         "protocol": protocol.name,
         "protocol_version": protocol.version,
-        "protocol_hash": protocol.hash(pair),
+        "protocol_hash": r.protocol_hash,
         "reference_hash": protocol.hash(protocol.reference_pair(pair)),  # the hash of this student's vanilla
         "protocol_source": protocol.source,
         "pair": r.pair_label,

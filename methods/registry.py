@@ -44,6 +44,9 @@ class StageContext:
     #: the student to train; a search stage may replace it (and name it in `student_arch`)
     student: Any = None
     student_arch: str = ""
+    #: extra frozen teachers (FrozenTeacher) of a method with `teacher_hparams`, keyed by the hyper-parameter
+    #: that names each (e.g. Hybrid Distill's `tc`); the pair's own teacher stays `teacher`
+    teachers: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,10 @@ class MethodSpec:
     needs_teacher: bool = True
     summary: str = ""
     extensions: tuple[str, ...] = ()
+    #: hyper-parameters whose value names an extra teacher of the protocol (an arch as in its pairs, e.g.
+    #: `mae_vit_tiny_p2_8.vit`); the runner loads each (training it when missing, like the pair's teacher),
+    #: hashes its identity into the run's protocol hash and hands it to the stages as `StageContext.teachers`
+    teacher_hparams: tuple[str, ...] = ()
 
     def resolve_hparams(self, *overrides: Mapping[str, Any] | None) -> dict[str, Any]:
         """Defaults, then each override mapping in order; unknown keys are an error."""
@@ -94,6 +101,19 @@ class MethodSpec:
                     )
                 resolved[key] = value
         return resolved
+
+    def extra_teachers(self, hparams: Mapping[str, Any]) -> dict[str, str]:
+        """{hyper-parameter: teacher arch} of the extra teachers these resolved `hparams` name (empty values
+        name none)."""
+        out = {}
+        for key in self.teacher_hparams:
+            value = hparams.get(key)
+            if value in (None, ""):
+                continue
+            if not isinstance(value, str):
+                raise MethodError(f"method {self.name!r}: {key} names a teacher architecture, got {value!r}")
+            out[key] = value
+        return out
 
     def plan(self, hparams: Mapping[str, Any]) -> tuple[type, tuple[Stage, ...]]:
         """(module class, stages) for resolved `hparams`: the method's own, plus any attached extension."""
@@ -146,12 +166,17 @@ def register(
     stages: tuple[Stage, ...] = (),
     needs_teacher: bool = True,
     extensions: tuple[str, ...] = (),
+    teacher_hparams: tuple[str, ...] = (),
 ) -> Callable[[type], type]:
     """Class decorator: `@register("kd", defaults={"temperature": 4.0, ...})`.
 
     `extensions` names the attachable terms (e.g. `("nd",)` for a logit method) that a
-    configuration may add with `<key>: {...}`.
+    configuration may add with `<key>: {...}`. `teacher_hparams` names the hyper-parameters whose values
+    are extra teachers (see `MethodSpec.teacher_hparams`); each must have a default.
     """
+    missing = [k for k in teacher_hparams if k not in (defaults or {})]
+    if missing:
+        raise MethodError(f"method {name!r}: teacher hyper-parameter(s) {missing} need a default")
 
     def wrap(cls: type) -> type:
         if name in _REGISTRY and _REGISTRY[name].module_cls is not cls:
@@ -165,6 +190,7 @@ def register(
             needs_teacher=needs_teacher,
             summary=doc[0] if doc else "",
             extensions=tuple(extensions),
+            teacher_hparams=tuple(teacher_hparams),
         )
         cls.method_name = name
         return cls
