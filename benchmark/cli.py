@@ -280,6 +280,7 @@ def _fmt(value, digits: int = 2) -> str:
 def cmd_teachers(args: argparse.Namespace) -> int:
     from .protocol import load_protocol
     from .runner import make_datamodule
+    from .teacher_kinds import PARENT_KIND, split_kind, teacher_epochs
     from .teachers import load_teacher, teacher_paths, train_teacher
 
     protocol = load_protocol(args.protocol)
@@ -288,7 +289,9 @@ def cmd_teachers(args: argparse.Namespace) -> int:
     if args.teacher_epochs:
         protocol = protocol.with_teacher_epochs(args.teacher_epochs)
     fingerprint = make_datamodule(protocol, seed=0, data_root=args.data_root).fingerprint()
-    archs = args.arch or sorted({p.teacher for p in protocol.pairs} | set(method_teachers(protocol)))
+    # a derived teacher (`<arch>.ft`) after the one it starts from (`<arch>.mae`), so FORCE retrains in order
+    found = {p.teacher for p in protocol.pairs} | set(method_teachers(protocol))
+    archs = args.arch or sorted(found, key=lambda arch: (split_kind(arch)[1] in PARENT_KIND, arch))
     table = Table(title=f"teachers of {protocol.name}")
     for col in ("arch", "action", "test top-1", "sha256", "checkpoint"):
         table.add_column(col)
@@ -297,7 +300,8 @@ def cmd_teachers(args: argparse.Namespace) -> int:
         action = "loaded"
         if args.force or not ckpt.exists():
             console.print(
-                f"[bold]distillbench[/]: training teacher {arch} for {protocol.name} ({protocol.teacher.epochs} epochs)"
+                f"[bold]distillbench[/]: training teacher {arch} for {protocol.name} "
+                f"({teacher_epochs(protocol, arch)} epochs)"
             )
             train_teacher(
                 protocol,

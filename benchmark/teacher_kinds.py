@@ -7,6 +7,9 @@ A pair's teacher `mae_vit_tiny_p2_8.mae` is the zoo's `mae_vit_tiny_p2_8` traine
 - `mae`: MAE pre-training (`methods.mae.MAEPretrain`; norm-pix loss, mask ratio from the recipe);
   no classifier is trained, so the sidecar's top-1 is null.
 - `vit`: supervised training with the MAE fine-tuning recipe from scratch (`methods.mae.MAEFinetune`).
+- `ft`: the protocol's `<arch>.mae` teacher fine-tuned with labels by the MAE fine-tuner (G2SD's specific-stage
+  teacher, g2sd.md §7: "a copy of it fine-tuned with labels"); the `.mae` teacher is trained first when it
+  is not stored, and its recipe is part of this kind's (so of the teacher key).
 
 A kind's recipe keys: `epochs`, `optimizer`, `schedule`, `seed`, `train_subset` (a fixed stratified subset
 of the training split, `methods.mae.subset_train_split`), plus `mask_ratio`/`norm_pix` (mae) or the
@@ -23,12 +26,16 @@ from typing import Any
 from ..methods.mae import FINETUNE_DEFAULTS, MAEFinetune, MAEPretrain
 from .errors import BenchmarkError
 
-KINDS = ("mae", "vit")
+KINDS = ("mae", "vit", "ft")
 RECIPE_KEYS = {"epochs", "optimizer", "schedule", "seed"}
 KIND_KEYS = {
     "mae": RECIPE_KEYS | {"mask_ratio", "norm_pix", "train_subset"},
     "vit": RECIPE_KEYS | set(FINETUNE_DEFAULTS) | {"train_subset"},
+    # the starting encoder is the `.mae` teacher, never a file named in the recipe
+    "ft": RECIPE_KEYS | (set(FINETUNE_DEFAULTS) - {"init_checkpoint", "probe"}) | {"train_subset"},
 }
+#: the kind whose stored teacher a kind starts from (`ft` fine-tunes the `.mae` teacher of the same arch)
+PARENT_KIND = {"ft": "mae"}
 
 
 class TeacherKindError(BenchmarkError):
@@ -69,11 +76,37 @@ def kind_recipe(protocol, arch: str) -> dict[str, Any] | None:
             f"teacher {arch!r}: protocol {protocol.name!r} has no `teacher_kinds.{kind}` recipe "
             f"(it defines: {', '.join(sorted(protocol.teacher_kinds)) or 'none'})"
         )
-    return dict(protocol.teacher_kinds[kind])
+    recipe = dict(protocol.teacher_kinds[kind])
+    if kind in PARENT_KIND:  # the teacher it starts from is part of its identity
+        recipe["from"] = kind_recipe(protocol, parent_arch(arch))
+    return recipe
 
 
-def build_kind_module(arch: str, recipe: Mapping[str, Any], model, *, num_classes: int, label_smoothing: float):
-    """The LightningModule that trains `model` as a teacher of `arch`'s kind with `recipe`."""
+def teacher_epochs(protocol, arch: str) -> int:
+    """The epochs teacher `arch` trains for: its kind's recipe, else the protocol's teacher recipe."""
+    recipe = kind_recipe(protocol, arch) if protocol.teacher.source == "train" else None
+    return int(recipe["epochs"]) if recipe else protocol.teacher.epochs
+
+
+def parent_arch(arch: str) -> str:
+    """`mae_vit_tiny_p2_8.ft` → `mae_vit_tiny_p2_8.mae`: the stored teacher a derived kind starts from."""
+    base, kind = split_kind(arch)
+    if kind not in PARENT_KIND:
+        raise TeacherKindError(f"teacher {arch!r} does not start from another teacher")
+    return f"{base}.{PARENT_KIND[kind]}"
+
+
+def build_kind_module(
+    arch: str,
+    recipe: Mapping[str, Any],
+    model,
+    *,
+    num_classes: int,
+    label_smoothing: float,
+    init_checkpoint: str = "",
+):
+    """The LightningModule that trains `model` as a teacher of `arch`'s kind with `recipe` (`ft`: from the
+    encoder in `init_checkpoint`, the stored parent teacher)."""
     _, kind = split_kind(arch)
     common = dict(
         num_classes=num_classes,
@@ -90,6 +123,10 @@ def build_kind_module(arch: str, recipe: Mapping[str, Any], model, *, num_classe
             **common,
         )
     hparams = {k: v for k, v in recipe.items() if k in FINETUNE_DEFAULTS}
+    if kind == "ft":
+        if not init_checkpoint:
+            raise TeacherKindError(f"teacher {arch!r} fine-tunes {parent_arch(arch)!r}: its checkpoint is needed")
+        hparams["init_checkpoint"] = str(init_checkpoint)
     return MAEFinetune(model, hparams=hparams, **common)
 
 

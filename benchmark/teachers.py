@@ -25,7 +25,7 @@ from .checkpointing import torch_save_atomic
 from .errors import CheckpointProblem
 from .protocol import Protocol
 from .results import git_commit, now_iso, write_json_atomic
-from .teacher_kinds import build_kind_module, kind_recipe, split_kind
+from .teacher_kinds import PARENT_KIND, build_kind_module, kind_recipe, parent_arch, split_kind, teacher_epochs
 from .zoo import create_model
 
 SIDECAR_SCHEMA = 1
@@ -154,6 +154,17 @@ def train_teacher(
     fingerprint = datamodule.fingerprint()
     kind = kind_recipe(protocol, arch)
     epochs = int(kind["epochs"]) if kind else recipe.epochs
+    parent = None
+    if split_kind(arch)[1] in PARENT_KIND:  # e.g. `.ft` fine-tunes the stored `.mae` teacher (trained first if missing)
+        _, parent = ensure_teacher(
+            protocol,
+            parent_arch(arch),
+            data_fingerprint=fingerprint,
+            root=root,
+            accelerator=accelerator,
+            progress=progress,
+            data_root=data_root,
+        )
     if kind is not None:  # a MIM teacher kind (benchmark.teacher_kinds): its own recipe, seed and data subset
         L.seed_everything(int(kind.get("seed", recipe.seed)), workers=True, verbose=False)
         if int(kind.get("train_subset") or 0) > 0:
@@ -161,7 +172,12 @@ def train_teacher(
     model = create_model(arch, num_classes=datamodule.num_classes, in_chans=protocol.input.channels)
     if kind is not None:
         module = build_kind_module(
-            arch, kind, model, num_classes=datamodule.num_classes, label_smoothing=protocol.label_smoothing
+            arch,
+            kind,
+            model,
+            num_classes=datamodule.num_classes,
+            label_smoothing=protocol.label_smoothing,
+            init_checkpoint=parent["checkpoint"] if parent else "",
         )
     else:
         module = Vanilla(
@@ -219,6 +235,8 @@ def train_teacher(
     if kind is not None:
         info.update(kind=split_kind(arch)[1], has_decoder=True, final_train_loss=last.get("train/loss"))
         info["train_images"] = len(datamodule.train_set)
+    if parent is not None:
+        info["from"] = {"arch": parent["arch"], "sha256": parent["sha256"], "teacher_key": parent["teacher_key"]}
     write_json_atomic(sidecar, info)
     return info
 
@@ -243,7 +261,7 @@ def ensure_teacher(
             raise TeacherError(f"teacher {arch!r} missing on a DDP worker; run `make teachers` first")
         say(
             f"teacher {arch!r} for protocol {protocol.name!r} is not stored yet: training it first "
-            f"({protocol.teacher.epochs} epochs) → {ckpt}"
+            f"({teacher_epochs(protocol, arch)} epochs) → {ckpt}"
         )
         train_teacher(protocol, arch, root=root, accelerator=accelerator, progress=progress, data_root=data_root)
     return load_teacher(protocol, arch, root, data_fingerprint=data_fingerprint)
