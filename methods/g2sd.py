@@ -7,15 +7,43 @@ Two stages (../shared/methods/g2sd.md), checked against the official code `pengz
   visible + masked), on one random mask shared by both — `generic_loss`;
 * **specific** (task-specific): the GD encoder is fine-tuned with a DeiT distillation token whose head
   learns the fine-tuned teacher's hard labels — `specific_loss` (or NKD on the CLS head, `nkd_loss`).
+
+The registered method `g2sd` runs the stages `subset` (the small protocols' fixed training subset),
+`specific_teacher` (hands on the second teacher, an extra teacher of the run named by the hyper-parameter
+`specific_teacher`: the MAE teacher fine-tuned with labels, teacher kind `ft`, `<arch>.ft` beside the pair's
+`<arch>.mae`), `generic` (`G2SDGeneric`, saves the student) and then trains
+the specific stage (`G2SD`, a subclass of the shared MAE fine-tuner). The paper's arms are hyper-parameters:
+`specific=none` is GD + plain fine-tuning, `generic=false` is SD only (student from scratch or
+`init_checkpoint`), `specific=nkd` the official `--enable_nkd` option.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
 import torch
 import torch.nn.functional as F
+from timm.layers import Mlp
+from timm.optim import param_groups_weight_decay
 from torch import Tensor, nn
 
+from .base import DistillModule, FrozenTeacher
 from .errors import MethodError
+from .mae import FINETUNE_DEFAULTS, MAEFinetune, MAEPretrain, check_mae_model, run_subset
+from .mae_utils import random_masking, require_decoder
+from .registry import Stage, StageContext, register
+
+__all__ = [
+    "G2SD",
+    "DistTokenViT",
+    "G2SDGeneric",
+    "generic_loss",
+    "nkd_loss",
+    "specific_loss",
+    "teacher_decoder_hidden",
+]
 
 #: smooth-L1 threshold and LayerNorm eps of the generic stage (official `engine_distill.py`, `models_mae.py`)
 SMOOTH_L1_BETA = 2.0
@@ -135,3 +163,223 @@ class DistTokenViT(nn.Module):
         if self.training:
             return cls_logits, dist_logits
         return (cls_logits + dist_logits) / 2
+
+    # -- layer-wise lr decay (the shared fine-tuner's optimiser sees the wrapper) ---------------------------
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """The wrapped ViT's BEiT grouping (stem = layer 0, block i = layer i + 1, final norm after the last
+        block) under the `vit.` prefix; `dist_token` and `head_dist` match no group and so sit in the top
+        group with the heads (lr scale 1, g2sd.md §2)."""
+        return {
+            "stem": r"^vit\.(?:cls_token|reg_token|pos_embed|patch_embed|norm_pre)",
+            "blocks": [(r"^vit\.blocks\.(\d+)", None), (r"^vit\.norm", (99999,))],
+        }
+
+    def no_weight_decay(self) -> set[str]:
+        """The ViT's no-decay names, prefixed; the distillation token is **not** among them: it decays, as in
+        the official timm-0.3.2 environment (timm 1.0 would exempt a `dist_token`; g2sd.md §2)."""
+        return {f"vit.{name}" for name in self.vit.no_weight_decay() if name != "dist_token"}
+
+
+# -- the method ---------------------------------------------------------------------------------------------
+
+SPECIFICS = ("deit_hard", "nkd", "none")
+
+DEFAULTS: dict[str, Any] = {
+    # arms (g2sd.md §7): generic=False is SD only; specific="none" is GD + plain fine-tuning
+    "generic": True,
+    "specific": "deit_hard",  # deit_hard (DeiT hard distillation) | nkd (official --enable_nkd) | none
+    "specific_teacher": "",  # the fine-tuned teacher, an extra teacher of the run, e.g. `<arch>.ft` (teacher kind ft)
+    # generic stage (official GD.sh / main_distill.py): one mask for both, r 0.75, teacher decoder block l
+    "mask_ratio": 0.75,
+    "teacher_decoder_layer": None,  # 1-based; None = teacher decoder depth / 2 (4 of 8)
+    "generic_epochs": 300,
+    "generic_lr": 2.4e-3,
+    "generic_warmup_epochs": 10,
+    "generic_min_lr": 2.5e-6,
+    "generic_weight_decay": 0.05,
+    # specific stage: the shared MAE fine-tuner with a CLS-token head and drop path 0 (official SD.sh)
+    **FINETUNE_DEFAULTS,
+    "global_pool": "token",
+    "drop_path": 0.0,
+}
+
+
+def teacher_decoder_hidden(model: nn.Module, x: Tensor, ids_keep: Tensor, ids_restore: Tensor, layer: int) -> Tensor:
+    """The MAE teacher's decoder block `layer` (1-based) output on all 1 + L tokens, before `decoder_norm`:
+    encoder on CLS + the visible patches `ids_keep`, mask tokens inserted, only `layer` decoder blocks run."""
+    latent, _ = model.forward_masked(x, ids_keep)
+    _, feats = model.forward_decoder(latent, ids_restore, [layer - 1], depth=layer)
+    return feats[0]
+
+
+class G2SDGeneric(DistillModule):
+    """G2SD's generic stage: L_GD = `generic_loss(H(student decoder, last block), teacher decoder block l)`."""
+
+    def __init__(self, student: nn.Module, teacher: FrozenTeacher | None, **kwargs):
+        hp = {**DEFAULTS, **dict(kwargs.pop("hparams", None) or {})}
+        super().__init__(student, teacher, hparams=hp, **kwargs)
+        check_mae_model(student, "g2sd")
+        tmodel = teacher.model
+        check_mae_model(tmodel, "g2sd")
+        require_decoder(teacher.info, "g2sd")
+        if not 0.0 <= float(hp["mask_ratio"]) < 1.0:
+            raise MethodError(f"g2sd: mask_ratio must be in [0, 1), got {hp['mask_ratio']}")
+        if tmodel.patch_size != student.patch_size or tmodel.grid_size != student.grid_size:
+            raise MethodError("g2sd: teacher and student must share the patch grid (one mask for both)")
+        depth = len(tmodel.decoder_blocks)
+        layer = hp["teacher_decoder_layer"]
+        self.teacher_layer = max(1, depth // 2) if layer is None else int(layer)
+        if not 1 <= self.teacher_layer <= depth:
+            raise MethodError(f"g2sd: teacher_decoder_layer {layer} is outside 1..{depth} (1-based decoder blocks)")
+        self.student_depth = len(student.decoder_blocks)
+        d_s, d_t = student.mask_token.shape[-1], tmodel.mask_token.shape[-1]
+        # Linear(d_s → d_t) → GELU → Linear(d_t → d_t), MAE's initialiser (xavier-uniform, zero bias)
+        self.head = Mlp(d_s, d_t, d_t, act_layer=nn.GELU)
+        for m in self.head.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        student.requires_grad_(True)
+        unused = (
+            *student.classifier_parameters(),
+            student.pos_embed,
+            student.decoder_pos_embed,
+            *student.decoder_norm.parameters(),
+            *student.decoder_pred.parameters(),
+        )
+        for p in unused:  # fixed embeddings; the pixel head is not part of G2SD's generic loss
+            p.requires_grad_(False)
+
+    def losses(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        x = batch["image"]
+        noise = torch.rand(x.shape[0], self.student.patch_embed.num_patches, device=x.device)
+        ids_keep, ids_restore, _ = random_masking(noise, float(self.hp.mask_ratio))
+        latent, _ = self.student.forward_masked(x, ids_keep)
+        _, feats = self.student.forward_decoder(latent, ids_restore, [self.student_depth - 1])
+        layer = self.teacher_layer
+        target = self.teacher.run(lambda m, v: teacher_decoder_hidden(m, v, ids_keep, ids_restore, layer), x)
+        return {"generic": generic_loss(self.head(feats[0]), target)}
+
+    def configure_optimizers(self):
+        hp = self.hp
+        groups = param_groups_weight_decay(self, weight_decay=float(hp.generic_weight_decay))
+        optimizer = torch.optim.AdamW(groups, lr=float(hp.generic_lr), betas=(0.9, 0.95))
+        return MAEPretrain._with_scheduler(self, optimizer)
+
+
+def run_specific_teacher(ctx: StageContext) -> dict[str, Any] | None:
+    """Hand the specific stage its teacher: the extra teacher `specific_teacher` that the runner loaded (and
+    trained first when missing), e.g. `<arch>.ft`, the pair's MAE teacher fine-tuned with labels."""
+    if ctx.hparams["specific"] == "none":
+        return None
+    teacher = ctx.teachers.get("specific_teacher")
+    if teacher is None:
+        base = str(ctx.teacher_info.get("arch", "<arch>.mae")).rpartition(".")[0] or "<arch>"
+        raise MethodError(
+            "g2sd: the specific stage needs its teacher: set the hyper-parameter specific_teacher "
+            f"(e.g. SET=specific_teacher={base}.ft, the pair's MAE teacher fine-tuned with labels)"
+        )
+    return {"teacher": teacher}
+
+
+def run_generic(ctx: StageContext) -> dict[str, Any] | None:
+    """The generic stage: train the student with `G2SDGeneric`, save its weights, record the GD loss curve."""
+    hp = dict(ctx.hparams)
+    if not hp["generic"]:
+        return None
+    if ctx.make_trainer is None:
+        raise MethodError("g2sd's generic stage needs a trainer factory (StageContext.make_trainer)")
+    epochs = int(hp["generic_epochs"])
+    module = G2SDGeneric(
+        ctx.student,
+        ctx.teacher,
+        num_classes=ctx.datamodule.num_classes,
+        hparams=hp,
+        schedule={
+            "name": "cosine",
+            "interval": "step",
+            "warmup_epochs": int(hp["generic_warmup_epochs"]),
+            "min_lr": float(hp["generic_min_lr"]),
+        },
+        epochs=epochs,
+    )
+    out = Path(ctx.work_dir) / "generic"
+    trainer = ctx.make_trainer(out, epochs)
+    trainer.fit(module, ctx.datamodule)
+    encoder = out / "encoder.pt"
+    if trainer.is_global_zero:
+        out.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in ctx.student.state_dict().items()}
+        torch.save(state, encoder)
+    record: dict[str, Any] = {
+        "epochs": epochs,
+        "teacher_decoder_layer": module.teacher_layer,
+        "teacher_decoder_depth": len(ctx.teacher.model.decoder_blocks),
+        "student_decoder_depth": module.student_depth,
+        "head_params": sum(p.numel() for p in module.head.parameters()),
+    }
+    history = getattr(trainer, "epoch_history", None)
+    if history is not None and history.history:
+        record["loss_curve"] = [row.get("train/generic") for row in history.history]
+    return {"encoder": str(encoder), "record": record}
+
+
+@register(
+    "g2sd",
+    defaults=DEFAULTS,
+    stages=(
+        Stage("subset", run_subset),
+        Stage("specific_teacher", run_specific_teacher),
+        Stage("generic", run_generic),
+    ),
+    teacher_hparams=("specific_teacher",),
+)
+class G2SD(MAEFinetune):
+    """G2SD: generic distillation from an MAE teacher's decoder, then specific distillation (dist token)."""
+
+    needs_teacher = True
+    init_stage = "generic"
+
+    def __init__(self, student: nn.Module, *args, **kwargs):
+        super().__init__(student, *args, **kwargs)
+        hp = self.hp
+        if hp.specific not in SPECIFICS:
+            raise MethodError(f"g2sd: unknown specific {hp.specific!r}; valid: {', '.join(SPECIFICS)}")
+        if not hp.generic and hp.specific == "none":
+            raise MethodError(
+                "g2sd: generic=false with specific=none distils nothing; that is the fine-tuner alone (METHOD=mae_ft)"
+            )
+        if hp.specific == "none":
+            return  # GD + plain fine-tuning: the shared fine-tuner's loss
+        if hp.probe:
+            raise MethodError("g2sd: the specific stage fine-tunes the whole student; probe=true needs specific=none")
+        art = self.artifacts.get("specific_teacher")
+        if not art or "teacher" not in art:
+            raise MethodError("g2sd: the specific stage needs the `specific_teacher` stage's teacher")
+        object.__setattr__(self, "teacher", art["teacher"])  # outside the module tree, like every teacher
+        self.student = DistTokenViT(student, self.num_classes)
+
+    def losses(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        if self.hp.specific == "none":
+            return super().losses(batch)
+        x, y = batch["image"], batch["label"]
+        if self.mixup is not None:
+            if x.shape[0] % 2:
+                raise MethodError("mixup/cutmix needs an even batch size")
+            x, soft = self.mixup(x, y)  # mixed and label-smoothed
+        else:
+            s = float(self.label_smoothing)
+            soft = F.one_hot(y, self.num_classes).float() * (1.0 - s) + s / self.num_classes
+        teacher_logits = self.teacher.logits(x)  # the same (mixed) batch
+        cls_logits, dist_logits = self.student(x)
+        if self.hp.specific == "nkd":  # official: NKD on the CLS head; 0·dist keeps the dist head in the graph
+            return {"specific": nkd_loss(cls_logits + 0.0 * dist_logits, teacher_logits, soft)}
+        loss = specific_loss(cls_logits, dist_logits, soft, teacher_logits)
+        with torch.no_grad():
+            self.log_diagnostics(
+                {
+                    "cls_ce": soft_cross_entropy(cls_logits, soft),
+                    "dist_ce": F.cross_entropy(dist_logits.float(), teacher_logits.argmax(dim=-1)),
+                }
+            )
+        return {"specific": loss}

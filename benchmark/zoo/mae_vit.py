@@ -55,6 +55,8 @@ MAE_SIZES: dict[str, tuple[int, int, int, int, int, int, int, int, float]] = {
     "mae_vit_small_patch16_dec512d8b": (224, 16, 384, 12, 6, 512, 8, 16, 4.0),
     "mae_vit_base_patch16_dec512d8b": (224, 16, 768, 12, 12, 512, 8, 16, 4.0),
     "mae_vit_large_patch16_dec512d8b": (224, 16, 1024, 24, 16, 512, 8, 16, 4.0),
+    # G2SD's generic-stage student (g2sd.md §1, official `mae_vit_small_patch16_dec256d4b`): a light decoder
+    "mae_vit_small_patch16_dec256d4b": (224, 16, 384, 12, 6, 256, 4, 8, 4.0),
 }
 
 
