@@ -132,8 +132,11 @@ def overhead_ratio(module, batch: Mapping[str, Tensor], steps: int = 8, rounds: 
 
     def vanilla_step() -> None:
         opt.zero_grad(set_to_none=True)
-        # unlabelled (web-pool) batches carry label −1: any class times the same step
-        F.cross_entropy(student(batch["image"]), batch["label"].clamp_min(0)).backward()
+        # unlabelled (web-pool) batches carry label −1: any class times the same step; a student that trains
+        # with several heads (G2SD's distillation token: (class, dist) logits) is timed on its class head
+        out = student(batch["image"])
+        logits = out[0] if isinstance(out, tuple | list) else out
+        F.cross_entropy(logits, batch["label"].clamp_min(0)).backward()
         opt.step()
 
     was_training = module.training

@@ -149,6 +149,14 @@ def test_specific_stage_loss_is_deit_hard_with_the_finetuned_teacher():
         assert torch.allclose(module(batch["image"]), (c + d) / 2)
 
 
+def test_overhead_of_the_specific_stage_is_measured():
+    from distillbench.benchmark.cost import overhead_ratio
+
+    module, _ = _specific({})
+    out = overhead_ratio(module, _batch(6), steps=1, rounds=1)  # the student's training forward is a pair
+    assert out["overhead_vs_student"] > 0
+
+
 def test_specific_nkd_and_plain_finetune_arms():
     module, sd_teacher = _specific({"specific": "nkd"})
     batch = _batch(6)
