@@ -9,7 +9,8 @@ from distillbench.benchmark.cli import method_teachers
 from distillbench.benchmark.protocol import load_protocol
 from distillbench.benchmark.runner import RunRequest, resolve, run
 from distillbench.benchmark.zoo import create_model
-from distillbench.methods import FrozenTeacher, get_method
+from distillbench.benchmark.zoo.mae_vit import MaeViT
+from distillbench.methods import FrozenTeacher, get_method, register
 from distillbench.methods.errors import MethodError
 from distillbench.methods.hybrid import (
     HybridDistillStage,
@@ -156,6 +157,9 @@ def test_arms_need_only_their_teachers_and_masking_ablations():
         HybridDistillStage(student, tm, tc=tc, num_classes=10, hparams={"masking": "block"})
     with pytest.raises(MethodError, match="layers"):
         HybridDistillStage(student, tm, tc=tc, num_classes=10, hparams={"layers": [4]})
+    two_heads = MaeViT(img_size=8, patch_size=2, in_chans=1, embed_dim=64, depth=2, num_heads=2, decoder_depth=1)
+    with pytest.raises(MethodError, match="heads"):
+        HybridDistillStage(student, FrozenTeacher(two_heads), tc=tc, num_classes=10, hparams={})
     other = FrozenTeacher(create_model("mae_vit_micro_p4_28", num_classes=10, in_chans=1))
     with pytest.raises(MethodError, match="patches"):
         HybridDistillStage(student, other, tc=tc, num_classes=10, hparams={})
@@ -194,6 +198,14 @@ def test_extra_teacher_is_hashed_and_trained_by_make_teachers():
     assert r.extra_teachers == {"tc": "mae_vit_tiny_p2_8.vit"} and r.protocol_hash == extra
     with pytest.raises(MethodError, match="names a teacher"):
         spec.extra_teachers({"tc": 3})
+    for name, tc, student in (
+        ("fmnist", "mae_vit_tiny_p4_28.vit", "mae_vit_micro_p4_28"),
+        ("imagenet-mim", "deit_base_patch16_224", "mae_vit_base_patch16_dec512d8b"),
+    ):
+        other = load_protocol(name)
+        assert other.pair_for("hybrid").student == student and tc in method_teachers(other)
+    with pytest.raises(MethodError, match="need a default"):
+        register("_no_default_teacher", defaults={}, teacher_hparams=("tc",))
 
 
 def test_hybrid_end_to_end_on_tiny_digits(tmp_path):
