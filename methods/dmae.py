@@ -12,7 +12,6 @@ the run record under `stages.distill`.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,7 +23,15 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .base import DistillModule, FrozenTeacher
 from .errors import MethodError
-from .mae import FINETUNE_DEFAULTS, MAEFinetune, MAEPretrain, check_mae_model, run_subset
+from .mae import (
+    FINETUNE_DEFAULTS,
+    MAEFinetune,
+    MAEPretrain,
+    check_mae_model,
+    fit_encoder_stage,
+    pretraining_schedule,
+    run_subset,
+)
 from .mae_utils import aligned_block, masked_pixel_loss, patchify, random_masking
 from .registry import Stage, StageContext, register
 
@@ -169,8 +176,6 @@ def teacher_flops(model: nn.Module, x: Tensor, ids_keep: Tensor, blocks: Sequenc
 def run_distill(ctx: StageContext) -> dict[str, Any]:
     """The distill stage: train the student with `DMAEDistill`, save its weights, report the teacher savings."""
     hp = dict(ctx.hparams)
-    if ctx.make_trainer is None:
-        raise MethodError("dmae's distill stage needs a trainer factory (StageContext.make_trainer)")
     protocol = ctx.protocol
     epochs = int(hp["distill_epochs"])
     module = DMAEDistill(
@@ -178,26 +183,13 @@ def run_distill(ctx: StageContext) -> dict[str, Any]:
         ctx.teacher,
         num_classes=ctx.datamodule.num_classes,
         hparams=hp,
-        schedule={
-            "name": "cosine",
-            "interval": "step",
-            "warmup_epochs": int(hp["distill_warmup_epochs"]),
-            "min_lr": float(hp["distill_min_lr"]),
-        },
+        schedule=pretraining_schedule(hp, "distill"),
         epochs=epochs,
     )
-    out = Path(ctx.work_dir) / "distill"
-    trainer = ctx.make_trainer(out, epochs)
-    trainer.fit(module, ctx.datamodule)
-    encoder = out / "encoder.pt"
-    if trainer.is_global_zero:
-        out.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().cpu().contiguous() for k, v in ctx.student.state_dict().items()}
-        torch.save(state, encoder)
+    encoder, history = fit_encoder_stage(ctx, module, "distill", epochs)
     record: dict[str, Any] = {"epochs": epochs, "student_blocks": module.student_blocks}
-    history = getattr(trainer, "epoch_history", None)
-    if history is not None and history.history:
-        record["final_train"] = {k: v for k, v in history.history[-1].items() if k.startswith("train/")}
+    if history:
+        record["final_train"] = {k: v for k, v in history[-1].items() if k.startswith("train/")}
     if module.needs_teacher:
         size = protocol["input"]["size"]
         x = torch.zeros(1, protocol["input"]["channels"], size, size)

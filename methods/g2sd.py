@@ -20,7 +20,6 @@ the specific stage (`G2SD`, a subclass of the shared MAE fine-tuner). The paper'
 from __future__ import annotations
 
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,7 +30,15 @@ from torch import Tensor, nn
 
 from .base import DistillModule, FrozenTeacher
 from .errors import MethodError
-from .mae import FINETUNE_DEFAULTS, MAEFinetune, MAEPretrain, check_mae_model, run_subset
+from .mae import (
+    FINETUNE_DEFAULTS,
+    MAEFinetune,
+    MAEPretrain,
+    check_mae_model,
+    fit_encoder_stage,
+    pretraining_schedule,
+    run_subset,
+)
 from .mae_utils import random_masking, require_decoder
 from .registry import Stage, StageContext, register
 
@@ -287,30 +294,16 @@ def run_generic(ctx: StageContext) -> dict[str, Any] | None:
     hp = dict(ctx.hparams)
     if not hp["generic"]:
         return None
-    if ctx.make_trainer is None:
-        raise MethodError("g2sd's generic stage needs a trainer factory (StageContext.make_trainer)")
     epochs = int(hp["generic_epochs"])
     module = G2SDGeneric(
         ctx.student,
         ctx.teacher,
         num_classes=ctx.datamodule.num_classes,
         hparams=hp,
-        schedule={
-            "name": "cosine",
-            "interval": "step",
-            "warmup_epochs": int(hp["generic_warmup_epochs"]),
-            "min_lr": float(hp["generic_min_lr"]),
-        },
+        schedule=pretraining_schedule(hp, "generic"),
         epochs=epochs,
     )
-    out = Path(ctx.work_dir) / "generic"
-    trainer = ctx.make_trainer(out, epochs)
-    trainer.fit(module, ctx.datamodule)
-    encoder = out / "encoder.pt"
-    if trainer.is_global_zero:
-        out.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().cpu().contiguous() for k, v in ctx.student.state_dict().items()}
-        torch.save(state, encoder)
+    encoder, history = fit_encoder_stage(ctx, module, "generic", epochs)
     record: dict[str, Any] = {
         "epochs": epochs,
         "teacher_decoder_layer": module.teacher_layer,
@@ -318,9 +311,8 @@ def run_generic(ctx: StageContext) -> dict[str, Any] | None:
         "student_decoder_depth": module.student_depth,
         "head_params": sum(p.numel() for p in module.head.parameters()),
     }
-    history = getattr(trainer, "epoch_history", None)
-    if history is not None and history.history:
-        record["loss_curve"] = [row.get("train/generic") for row in history.history]
+    if history:
+        record["loss_curve"] = [row.get("train/generic") for row in history]
     return {"encoder": str(encoder), "record": record}
 
 

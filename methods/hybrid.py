@@ -33,7 +33,6 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -44,7 +43,15 @@ from torch import Tensor, nn
 from .base import DistillModule, FrozenTeacher
 from .errors import MethodError
 from .g2sd import normalized_smooth_l1
-from .mae import FINETUNE_DEFAULTS, MAEFinetune, MAEPretrain, check_mae_model, run_subset
+from .mae import (
+    FINETUNE_DEFAULTS,
+    MAEFinetune,
+    MAEPretrain,
+    check_mae_model,
+    fit_encoder_stage,
+    pretraining_schedule,
+    run_subset,
+)
 from .registry import Stage, StageContext, register
 
 __all__ = [
@@ -516,8 +523,6 @@ def run_distill(ctx: StageContext) -> dict[str, Any]:
     """The distill stage: train the student with `HybridDistillStage`, save its weights, report its schedule
     and the attention distances of the distilled student and both teachers."""
     hp = dict(ctx.hparams)
-    if ctx.make_trainer is None:
-        raise MethodError("hybrid's distill stage needs a trainer factory (StageContext.make_trainer)")
     epochs = int(hp["distill_epochs"])
     module = HybridDistillStage(
         ctx.student,
@@ -525,22 +530,10 @@ def run_distill(ctx: StageContext) -> dict[str, Any]:
         tc=(ctx.teachers or {}).get("tc"),
         num_classes=ctx.datamodule.num_classes,
         hparams=hp,
-        schedule={
-            "name": "cosine",
-            "interval": "step",
-            "warmup_epochs": int(hp["distill_warmup_epochs"]),
-            "min_lr": float(hp["distill_min_lr"]),
-        },
+        schedule=pretraining_schedule(hp, "distill"),
         epochs=epochs,
     )
-    out = Path(ctx.work_dir) / "distill"
-    trainer = ctx.make_trainer(out, epochs)
-    trainer.fit(module, ctx.datamodule)
-    encoder = out / "encoder.pt"
-    if trainer.is_global_zero:
-        out.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().cpu().contiguous() for k, v in ctx.student.state_dict().items()}
-        torch.save(state, encoder)
+    encoder, history = fit_encoder_stage(ctx, module, "distill", epochs)
     record: dict[str, Any] = {
         "epochs": epochs,
         "layers": module.layers if module.use_rel else [],
@@ -548,9 +541,8 @@ def run_distill(ctx: StageContext) -> dict[str, Any]:
         "mask_ratio_per_epoch": [mask_ratio_at(e, epochs, module.ratios, module.milestones) for e in range(epochs)],
         "masking": hp["masking"] if module.scores_from is not None or hp["masking"] == "random" else "none",
     }
-    history = getattr(trainer, "epoch_history", None)
-    if history is not None and history.history:
-        record["final_train"] = {k: v for k, v in history.history[-1].items() if k.startswith("train/")}
+    if history:
+        record["final_train"] = {k: v for k, v in history[-1].items() if k.startswith("train/")}
     n = int(hp["attention_images"])
     if n > 0:
         record["attention_distance"] = module.attention_report(validation_images(ctx.datamodule, n))

@@ -174,6 +174,37 @@ def subset_train_split(dm, n: int) -> dict[str, Any]:
     return {"record": {"train_images": n, "of": len(full), "indices_sha256": digest, "seed": SUBSET_SEED}}
 
 
+def pretraining_schedule(hp: Mapping[str, Any], stage: str) -> dict[str, Any]:
+    """A MIM pre-training stage's schedule: per-step cosine with linear warm-up, from the method's
+    `<stage>_warmup_epochs` and `<stage>_min_lr` hyper-parameters."""
+    return {
+        "name": "cosine",
+        "interval": "step",
+        "warmup_epochs": int(hp[f"{stage}_warmup_epochs"]),
+        "min_lr": float(hp[f"{stage}_min_lr"]),
+    }
+
+
+def fit_encoder_stage(
+    ctx: StageContext, module: DistillModule, stage: str, epochs: int
+) -> tuple[Path, list[dict[str, Any]]]:
+    """Train `module` for `epochs` under `<work dir>/<stage>` with the run's trainer factory and save the
+    student's weights as `<stage>/encoder.pt` (rank 0: the file the fine-tuning stage initialises from).
+    Returns the encoder path and the per-epoch history (empty when the trainer keeps none)."""
+    if ctx.make_trainer is None:
+        raise MethodError(f"{ctx.method}'s {stage} stage needs a trainer factory (StageContext.make_trainer)")
+    out = Path(ctx.work_dir) / stage
+    trainer = ctx.make_trainer(out, epochs)
+    trainer.fit(module, ctx.datamodule)
+    encoder = out / "encoder.pt"
+    if trainer.is_global_zero:
+        out.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in ctx.student.state_dict().items()}
+        torch.save(state, encoder)
+    history = getattr(trainer, "epoch_history", None)
+    return encoder, list(history.history) if history is not None else []
+
+
 FINETUNE_DEFAULTS: dict[str, Any] = {
     "layer_decay": 0.75,
     "drop_path": 0.1,
