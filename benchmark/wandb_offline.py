@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 import zlib
 from pathlib import Path
 from typing import Any
@@ -55,15 +56,36 @@ def iter_chunks(data: bytes):
             raise WandbLogError(f"unknown record type {kind} at byte {pos}")
 
 
-def read_offline_run(run_dir: str | Path) -> dict[str, Any]:
-    """{"run": {id, project, group, display_name, tags}, "config": {...}, "summary": {...}} of an offline run."""
-    from wandb.proto import wandb_internal_pb2
+def read_offline_run(run_dir: str | Path, timeout: float = 30.0) -> dict[str, Any]:
+    """{"run": {id, project, group, display_name, tags}, "config": {...}, "summary": {...}} of an offline run.
 
+    wandb's core process may still be writing the log after `run.finish()` returns, so the file is
+    re-read until its closing `exit` record is there (at most `timeout` seconds).
+    """
     files = sorted(Path(run_dir).glob("*.wandb"))
     if not files:
         raise WandbLogError(f"no .wandb file in {run_dir}")
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            out, complete = _decode(files[0].read_bytes())
+        except WandbLogError:
+            if time.monotonic() > deadline:
+                raise
+            complete = False  # a record half-written right now fails its CRC
+        if complete:
+            return out
+        if time.monotonic() > deadline:
+            raise WandbLogError(f"{files[0]} has no exit record after {timeout:.0f} s: the run is incomplete")
+        time.sleep(0.1)
+
+
+def _decode(data: bytes) -> tuple[dict[str, Any], bool]:
+    from wandb.proto import wandb_internal_pb2
+
     out: dict[str, Any] = {"run": {}, "config": {}, "summary": {}}
-    for chunk in iter_chunks(files[0].read_bytes()):
+    complete = False
+    for chunk in iter_chunks(data):
         record = wandb_internal_pb2.Record()
         record.ParseFromString(chunk)
         kind = record.WhichOneof("record_type")
@@ -82,7 +104,9 @@ def read_offline_run(run_dir: str | Path) -> dict[str, Any]:
             _apply(out["config"], record.config.update)
         elif kind == "summary":
             _apply(out["summary"], record.summary.update)
-    return out
+        elif kind == "exit":
+            complete = True
+    return out, complete
 
 
 def _apply(target: dict[str, Any], items) -> None:

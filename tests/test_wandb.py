@@ -73,3 +73,6 @@ def test_reader_rejects_other_files(tmp_path):
         list(iter_chunks(b"PK\x03\x04 not wandb"))
     with pytest.raises(WandbLogError, match=r"no \.wandb file"):
         read_offline_run(tmp_path)
+    (tmp_path / "run-x.wandb").write_bytes(b":W&B\x00\x00\x01")  # header only: core still writing
+    with pytest.raises(WandbLogError, match="no exit record"):
+        read_offline_run(tmp_path, timeout=0.3)
