@@ -142,6 +142,10 @@ class Protocol:
     #: recipes of MIM teacher kinds (`benchmark.teacher_kinds`): a pair teacher `<arch>.<kind>` trains with
     #: `teacher_kinds[kind]`; hashed only into the pairs and teachers of that kind
     teacher_kinds: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: per-architecture teacher recipes ({arch: {epochs, optimizer, schedule}}, each key replacing the
+    #: `teacher` recipe's): a tiny ViT teacher wants AdamW with warm-up where the CNN teachers take SGD.
+    #: Hashed only into that arch's teacher key and the pairs it teaches, so other hashes stay valid.
+    teacher_archs: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: per-method default pair (e.g. MIM methods run on an MAE-ViT pair when PAIR is not given); not hashed
     method_pairs: dict[str, str] = field(default_factory=dict)
     source: str = ""  # the YAML file it came from (not hashed)
@@ -171,6 +175,10 @@ class Protocol:
             if {**theirs, "teacher": own["teacher"]} == own:
                 return other
         return pair
+
+    def teacher_recipe_for(self, arch: str) -> TeacherRecipe:
+        """The supervised recipe that trains teacher `arch`: `teacher`, with the arch's own keys over it."""
+        return dataclasses.replace(self.teacher, **self.teacher_archs.get(arch, {}))
 
     def optimizer_for(self, pair: PairSpec) -> dict[str, Any]:
         return {**self.optimizer, **pair.optimizer}
@@ -216,7 +224,11 @@ class Protocol:
             self.teacher, epochs=epochs, schedule=_cut_milestones(self.teacher.schedule, epochs)
         )
         kinds = {kind: {**r, "epochs": epochs} for kind, r in self.teacher_kinds.items()}
-        return dataclasses.replace(self, teacher=recipe, teacher_kinds=kinds)
+        archs = {arch: {**r, "epochs": epochs} for arch, r in self.teacher_archs.items()}
+        for r in archs.values():
+            if "schedule" in r:
+                r["schedule"] = _cut_milestones(r["schedule"], epochs)
+        return dataclasses.replace(self, teacher=recipe, teacher_kinds=kinds, teacher_archs=archs)
 
     def with_store_augment(self, num_crops: int | None = None) -> Protocol:
         """Train with the soft-label store's RandomResizedCrop instead of `augment` (a different hash)."""
@@ -261,8 +273,8 @@ class Protocol:
         data["dataset"] = self._dataset_identity()
         for key in ("description", "pairs", "default_pair", "seeds", "methods", "source", "num_workers"):
             data.pop(key)
-        data.pop("teacher_kinds"), data.pop("method_pairs")
-        data["teacher"] = self.teacher.identity()
+        data.pop("teacher_kinds"), data.pop("method_pairs"), data.pop("teacher_archs")
+        data["teacher"] = self.teacher_recipe_for(pair.teacher if pair else "").identity()
         # absent unless a run trains on the store's crops, so older records keep their hash
         if data.pop("store_augment"):
             data["augment"] = self.train_augment
@@ -304,7 +316,7 @@ class Protocol:
             "augment": self.augment,
             "batch_size": self.batch_size,
             "label_smoothing": self.label_smoothing,
-            "teacher": self.teacher.identity(),
+            "teacher": self.teacher_recipe_for(arch).identity(),
             "arch": arch,
         }
         kind = kind_recipe(self, arch)
@@ -444,6 +456,20 @@ def _validate(p: Protocol, where: str) -> None:
     if p.soft_labels.get("label_dtype", "float32") not in ("float32", "float16"):
         raise ProtocolError(f"{where}: soft_labels.label_dtype must be float32 or float16")
     validate_kinds(p.teacher_kinds, where)
+    for arch, own in p.teacher_archs.items():
+        at = f"{where}: teacher_archs.{arch}"
+        if not isinstance(own, dict):
+            raise ProtocolError(f"{at} must be a mapping of epochs / optimizer / schedule")
+        _check_keys(own, {"epochs", "optimizer", "schedule"}, at)
+        arch_recipe = p.teacher_recipe_for(arch)
+        if "optimizer" in own:
+            _check_keys(own["optimizer"], OPTIMIZER_KEYS, f"{at}.optimizer")
+            if "lr" not in own["optimizer"]:
+                raise ProtocolError(f"{at}.optimizer needs an 'lr'")
+        if int(arch_recipe.epochs) < 1:
+            raise ProtocolError(f"{at}.epochs must be ≥ 1")
+        _check_keys(arch_recipe.schedule, SCHEDULE_KEYS, f"{at}.schedule")
+        _check_schedule(arch_recipe.schedule, arch_recipe.epochs, f"{at}.schedule")
     for method, pair_name in p.method_pairs.items():
         if pair_name not in names:
             raise ProtocolError(f"{where}: method_pairs.{method}: {pair_name!r} is not one of {', '.join(names)}")

@@ -85,7 +85,7 @@ def kind_recipe(protocol, arch: str) -> dict[str, Any] | None:
 def teacher_epochs(protocol, arch: str) -> int:
     """The epochs teacher `arch` trains for: its kind's recipe, else the protocol's teacher recipe."""
     recipe = kind_recipe(protocol, arch) if protocol.teacher.source == "train" else None
-    return int(recipe["epochs"]) if recipe else protocol.teacher.epochs
+    return int(recipe["epochs"]) if recipe else protocol.teacher_recipe_for(arch).epochs
 
 
 def parent_arch(arch: str) -> str:

@@ -146,7 +146,7 @@ def train_teacher(
     from .trainer import build_trainer
 
     ckpt, sidecar = teacher_paths(root, protocol, arch)
-    recipe = protocol.teacher
+    recipe = protocol.teacher_recipe_for(arch)
     if recipe.source != "train":
         raise TeacherError(_import_hint(protocol, arch, ckpt))
     L.seed_everything(recipe.seed, workers=True, verbose=False)

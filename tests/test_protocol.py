@@ -72,3 +72,31 @@ def test_default_pair_must_exist(tmp_path):
     bad = {**TINY_PROTOCOL, "default_pair": "x__y"}
     with pytest.raises(ProtocolError, match="default_pair 'x__y' is not one of"):
         load_protocol(write_protocol(tmp_path / "c.yaml", bad))
+
+
+def test_teacher_archs_recipe_is_hashed_only_where_that_teacher_is_used(tmp_path):
+    import copy
+
+    data = copy.deepcopy(TINY_PROTOCOL)
+    data["pairs"] = [{"teacher": "resnet14", "student": "resnet8"}, {"teacher": "resnet20", "student": "resnet8"}]
+    base = load_protocol(write_protocol(tmp_path / "a.yaml", data))
+    adamw = {"name": "adamw", "lr": 1.0e-3, "weight_decay": 0.05}
+    data["teacher_archs"] = {"resnet20": {"optimizer": adamw, "schedule": {"name": "cosine", "warmup_epochs": 1}}}
+    own = load_protocol(write_protocol(tmp_path / "b.yaml", data))
+
+    recipe = own.teacher_recipe_for("resnet20")
+    assert recipe.optimizer == adamw and recipe.epochs == 3 and recipe.schedule["warmup_epochs"] == 1
+    assert own.teacher_recipe_for("resnet14") == base.teacher
+    # the other teacher and its pair keep their key and hash; the overridden ones change
+    assert own.teacher_key("resnet14", "d") == base.teacher_key("resnet14", "d")
+    assert own.hash(own.pair("resnet14__resnet8")) == base.hash(base.pair("resnet14__resnet8"))
+    assert own.teacher_key("resnet20", "d") != base.teacher_key("resnet20", "d")
+    assert own.hash(own.pair("resnet20__resnet8")) != base.hash(base.pair("resnet20__resnet8"))
+    assert own.with_teacher_epochs(1).teacher_recipe_for("resnet20").epochs == 1
+
+    data["teacher_archs"] = {"resnet20": {"optimizer": {"name": "adamw"}}}
+    with pytest.raises(ProtocolError, match=r"teacher_archs\.resnet20\.optimizer needs an 'lr'"):
+        load_protocol(write_protocol(tmp_path / "c.yaml", data))
+    data["teacher_archs"] = {"resnet20": {"lr": 0.1}}
+    with pytest.raises(ProtocolError, match=r"teacher_archs\.resnet20"):
+        load_protocol(write_protocol(tmp_path / "d.yaml", data))
