@@ -12,6 +12,7 @@ import io
 from pathlib import Path
 
 from .collect import Excluded, Leaderboard, Row
+from .mim import mim_markdown
 
 CSV_COLUMNS = (
     "protocol",
@@ -195,6 +196,7 @@ def to_markdown(board: Leaderboard, command: str = "") -> str:
                 cells[3] = f"**{cells[3]}**"
             lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
         lines.append("")
+    lines += mim_markdown(board)
     lines += excluded_markdown(board.excluded)
     return "\n".join(lines).rstrip() + "\n"
 

@@ -209,3 +209,40 @@ def test_published_tables_match_the_records(protocol, tmp_path):
     build(REPO / "leaderboards" / "records", again, protocols=[protocol], command=PUBLISH_COMMAND, png=False)
     for suffix in (".md", ".tex", ".csv", ".html"):
         assert (again / f"{protocol}{suffix}").read_text() == (tmp_path / f"{protocol}{suffix}").read_text()
+
+
+def test_mim_table_joins_arms_across_hashes_and_answers_the_spec_questions(tmp_path):
+    from distillbench.leaderboards.mim import mim_markdown
+    from distillbench.leaderboards.render import to_markdown
+
+    root = tmp_path / "results"
+    for seed, (full, mae_only, gd, sd) in enumerate(((80.0, 78.0, 79.0, 81.0), (82.0, 78.5, 79.5, 81.5))):
+        write(root, "dmae", seed, full, phash="d")
+        write(root, "dmae", seed, mae_only, phash="d", variant="feat_weight=0")
+        write(root, "g2sd", seed, full + 1.0, phash="g")  # the extra .ft teacher: another hash
+        write(root, "g2sd", seed, gd, phash="g", variant="gd-only")
+        write(root, "g2sd", seed, sd, phash="g", variant="sd-only")
+    write(root, "kd", 0, 95.0)  # not a MIM arm
+    board = collect(root)["digits"]
+    assert len({r.protocol_hash for r in board.rows if r.method != "kd"}) == 2  # two cells in the main tables
+    text = "\n".join(mim_markdown(board))
+    assert text.count("## Masked image modelling: resnet20 → resnet8 (all arms)") == 1
+    table = [line for line in text.splitlines() if line.startswith("| ") and "arm" not in line]
+    assert [line.split(" | ")[0] for line in table] == [
+        "| dmae",
+        "| dmae@feat_weight=0",
+        "| g2sd",
+        "| g2sd@gd-only",
+        "| g2sd@sd-only",
+    ]
+    assert "| kd " not in text
+    # 81.00 ± 1.41 vs 78.25 ± 0.35: +2.75; GD+SD 82.00 vs SD-only 81.25: +0.75; vs GD-only 79.25: +2.75
+    assert "DMAE vs the MAE-only student: `dmae` 81.00 ± 1.41 (n = 2) beats `dmae@feat_weight=0` 78.25 ± 0.35" in text
+    assert (
+        "G2SD (GD+SD) vs specific stage only: `g2sd` 82.00 ± 1.41 (n = 2) "
+        "beats `g2sd@sd-only` 81.25 ± 0.35 (n = 2): +0.75" in text
+    )
+    assert "vs generic stage only: `g2sd` 82.00 ± 1.41 (n = 2) beats `g2sd@gd-only` 79.25 ± 0.35 (n = 2): +2.75" in text
+    assert "Not yet measured: DMAE vs the scratch student; Hybrid vs the feature term only (T_c)" in text
+    # and the generated Markdown carries it
+    assert "## Masked image modelling" in to_markdown(board)
