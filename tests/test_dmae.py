@@ -223,3 +223,30 @@ def test_train_subset_is_fixed_stratified_and_leaves_eval_splits():
     assert torch.equal(first.test_set.images, full.test_set.images) and len(first.val_set) == len(full.val_set)
     with pytest.raises(MethodError, match="not smaller"):
         subset_train_split(full, 10**6)
+
+
+def test_linear_probe_trains_only_bn_and_head_on_a_frozen_encoder():
+    from distillbench.methods.dmae import DEFAULTS as DMAE_DEFAULTS
+    from distillbench.methods.hybrid import DEFAULTS as HYBRID_DEFAULTS
+    from distillbench.methods.mae import LinearProbe
+
+    torch.manual_seed(0)
+    student = create_model("mae_vit_micro_p2_8", num_classes=10, in_chans=1)
+    module = MAEFinetune(student, num_classes=10, hparams={"probe": True}, optimizer={"name": "adamw", "lr": 0.1})
+    probe = module.student
+    assert isinstance(probe, LinearProbe) and probe.encoder is student
+    trainable = {n for n, p in probe.named_parameters() if p.requires_grad}
+    assert trainable == {"head.weight", "head.bias"}  # BatchNorm1d(affine=False) has no parameters
+    encoder_before = {k: v.clone() for k, v in student.state_dict().items()}
+    optimizer = module.configure_optimizers()
+    module.train()
+    assert not student.training and probe.bn.training  # the encoder stays in eval mode (no drop path)
+    x, y = torch.randn(8, 1, 8, 8), torch.arange(8) % 10
+    loss = module.losses({"image": x, "label": y})["ce"]
+    loss.backward()
+    head_before = probe.head.weight.detach().clone()
+    optimizer.step()
+    assert not torch.equal(probe.head.weight, head_before)
+    assert all(torch.equal(v, student.state_dict()[k]) for k, v in encoder_before.items())
+    # the same switch is a hyper-parameter of the distillation methods' last stage: one command per arm
+    assert DMAE_DEFAULTS["probe"] is False and HYBRID_DEFAULTS["probe"] is False
