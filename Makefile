@@ -32,6 +32,7 @@ TEACHER   ?=
 BUDGET    ?=
 OUT       ?= leaderboards
 WANDB     ?=
+COMPILE   ?=
 
 export DISTILLBENCH_TEACHERS ?= $(CURDIR)/teachers
 export DATA_ROOT
@@ -43,7 +44,7 @@ RUN_ARGS = --method $(METHOD) --protocol $(PROTOCOL) --seeds $(SEEDS) --devices 
 	$(if $(RESUME),--resume) $(if $(CKPT_EVERY),--checkpoint-every $(CKPT_EVERY)) \
 	$(if $(VARIANT),--variant $(VARIANT)) $(foreach s,$(SET),--set $(s)) \
 	$(if $(TEACHER_CACHE),--teacher-cache $(TEACHER_CACHE)) $(if $(AUGMENT),--augment $(AUGMENT)) \
-	$(if $(CROPS),--crops $(CROPS))
+	$(if $(CROPS),--crops $(CROPS)) $(if $(COMPILE),--compile $(COMPILE))
 
 .PHONY: install bench search teachers softlabels leaderboard test lint list clean-venv
 

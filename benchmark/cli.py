@@ -53,6 +53,15 @@ def _parse_sets(items: list[str]) -> dict[str, Any]:
     return out
 
 
+def _compile_backend(value: str | None) -> str | None:
+    from .speed import compile_backend
+
+    try:
+        return compile_backend(value if value is not None else os.environ.get("COMPILE"))
+    except ValueError as exc:
+        raise BenchmarkError(str(exc)) from None
+
+
 def _flag(value: str | None) -> bool:
     return str(value or "").lower() in ("1", "true", "yes", "on")
 
@@ -99,6 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-wandb", action="store_true")
     run.add_argument("--no-progress", action="store_true")
     run.add_argument("--no-overhead", action="store_true", help="skip the overhead-ratio measurement")
+    run.add_argument(
+        "--compile",
+        default=None,
+        metavar="BACKEND",
+        help="torch.compile the student's and teacher's forward: 1 (inductor) or a dynamo backend (default off)",
+    )
     run.add_argument(
         "--teacher-cache",
         default=None,
@@ -162,6 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     cost.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     cost.add_argument("--steps", type=int, default=20, help="timed steps (after --warmup untimed ones)")
     cost.add_argument("--warmup", type=int, default=3)
+    cost.add_argument("--precision", default="32-true", choices=["32-true", "bf16-mixed"])
+    cost.add_argument("--compile", default=None, metavar="BACKEND", help="as `run --compile` (default $COMPILE)")
 
     lister = sub.add_parser("list", help="list methods, protocols, pairs, models or datasets")
     lister.add_argument(
@@ -198,6 +215,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         progress=not args.no_progress and sys.stderr.isatty(),
         measure_overhead=not args.no_overhead,
         teacher_cache=None if str(args.teacher_cache or "").lower() in ("", "0", "false", "no") else args.teacher_cache,
+        compile=_compile_backend(args.compile),
         augment=args.augment or None,
         crops=args.crops,
     )
@@ -460,13 +478,16 @@ def cmd_cost(args: argparse.Namespace) -> int:
         hparams=_parse_sets(args.set),
         wandb=False,
         progress=False,
+        precision=args.precision,
+        compile=_compile_backend(args.compile),
     )
     result = measure(
         request, steps=args.steps, warmup=args.warmup, say=lambda msg: console.print(f"[bold]distillbench[/]: {msg}")
     )
     table = Table(
         title=f"{result['method']} on {result['protocol']} {result['pair']} — {result['device']}, "
-        f"batch {result['batch_size']}, mean of {args.steps} steps"
+        f"batch {result['batch_size']}, {result['precision']}{', compiled' if result['compile'] else ''}, "
+        f"mean of {args.steps} steps"
     )
     for col in ("part", "ms / step", "share"):
         table.add_column(col, justify="right")

@@ -35,8 +35,10 @@ from .runner import (
     make_datamodule,
     resolve,
     soft_label_source,
+    speed_up,
     uses_store,
 )
+from .speed import autocast
 from .trainer import resolve_accelerator
 from .zoo import create_model
 
@@ -66,8 +68,11 @@ def _timed_teacher(teacher, clock: _Clock, spent: list[float]) -> None:
     teacher.run = run
 
 
-def step_split(module, loader, device: torch.device, *, steps: int = 20, warmup: int = 3) -> dict[str, float]:
-    """Mean milliseconds per training step for each part of `PARTS`, plus the total and img/s."""
+def step_split(
+    module, loader, device: torch.device, *, steps: int = 20, warmup: int = 3, precision: str = "32-true"
+) -> dict[str, float]:
+    """Mean milliseconds per training step for each part of `PARTS`, plus the total and img/s; the forward
+    passes run under `precision`'s autocast, as in a Trainer."""
     clock = _Clock(device)
     teacher_time = [0.0]
     if module.teacher is not None:
@@ -88,7 +93,8 @@ def step_split(module, loader, device: torch.device, *, steps: int = 20, warmup:
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         t1 = clock()
         teacher_time[0] = 0.0
-        loss = sum(module.losses(batch).values())
+        with autocast(precision, device):
+            loss = sum(t.float() for t in module.losses(batch).values())
         loss.backward()
         t2 = clock()
         optimizer.step()
@@ -110,11 +116,15 @@ def step_split(module, loader, device: torch.device, *, steps: int = 20, warmup:
     return out
 
 
-def measure(request: RunRequest, *, steps: int = 20, warmup: int = 3, say=print) -> dict[str, Any]:
-    """Build the module of `request` (teacher from the store, stages run) and time its training steps."""
+@contextlib.contextmanager
+def timed_module(request: RunRequest, *, say=print, device: torch.device | None = None):
+    """Build the module of `request` as a run builds it (registry, the protocol's hyper-parameters, the stored
+    teacher, its pre-training stages, `speed_up`) on `device`; yields (module, datamodule, resolved run,
+    teacher). Stage work files live in a temporary folder, removed on exit."""
     r = resolve(request)
     protocol = r.protocol
-    device = torch.device("cuda" if resolve_accelerator(request.accelerator) in ("gpu", "cuda") else "cpu")
+    if device is None:
+        device = torch.device("cuda" if resolve_accelerator(request.accelerator) in ("gpu", "cuda") else "cpu")
     datamodule = make_datamodule(protocol, seed=request.seed, data_root=request.data_root, pair=r.pair)
     teacher, teacher_info = _build_teacher(r, datamodule, say) if r.spec.needs_teacher else (None, None)
     torch.manual_seed(request.seed)
@@ -147,11 +157,26 @@ def measure(request: RunRequest, *, steps: int = 20, warmup: int = 3, say=print)
             context.artifacts["soft_labels"] = context.soft_labels(require_logits=True)
         datamodule, student = context.datamodule, context.student  # a stage may replace either
         module = build_module(r, student, teacher, num_classes, context.artifacts).to(device)
+        speed_up(module, request, device)
+        yield module, datamodule, r, teacher
+
+
+def measure(
+    request: RunRequest, *, steps: int = 20, warmup: int = 3, say=print, precision: str | None = None
+) -> dict[str, Any]:
+    """Build the module of `request` (`timed_module`) and time its training steps."""
+    with timed_module(request, say=say) as (module, datamodule, r, teacher):
+        protocol, student = r.protocol, module.student
+        device = next(student.parameters()).device
+        input_shape = (protocol.input.channels, protocol.input.size, protocol.input.size)
+        precision = precision or request.precision
         result: dict[str, Any] = {
             "method": request.method,
             "protocol": protocol.name,
             "pair": r.pair_label,
             "device": str(device),
+            "precision": precision,
+            "compile": request.compile,
             "batch_size": protocol.batch_size,
             "student_params": cost.count_params(student),
             "student_flops": cost.count_flops(student, input_shape),
@@ -162,7 +187,7 @@ def measure(request: RunRequest, *, steps: int = 20, warmup: int = 3, say=print)
             result["teacher_flops"] = cost.count_flops(teacher.model, input_shape)
         with contextlib.redirect_stdout(sys.stderr):
             loader = datamodule.train_dataloader()
-            result.update(step_split(module, loader, device, steps=steps, warmup=warmup))
+            result.update(step_split(module, loader, device, steps=steps, warmup=warmup, precision=precision))
             if not module.is_reference_student:
                 batch = {k: v.to(device) for k, v in next(iter(loader)).items()}
                 result.update(cost.overhead_ratio(module, batch))

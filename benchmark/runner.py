@@ -42,6 +42,7 @@ from .results import (
     versions,
 )
 from .soft_labels import StoreDataModule, ensure_store
+from .speed import compile_module, uses_channels_last
 from .teachers import ensure_teacher
 from .trainer import build_trainer, make_loggers, resolve_accelerator, uses_sync_batchnorm
 from .zoo import UnknownModelError, create_model, is_model
@@ -73,6 +74,7 @@ class RunRequest:
     teacher_cache: str | None = None  # "1": the run's soft-label store (made if missing); or a store path
     augment: str | None = None  # "store": the soft-label store's RandomResizedCrop, drawn live
     crops: int | None = None  # crops per image in the soft-label store (overrides the protocol's)
+    compile: str | None = None  # a dynamo backend ("inductor"): torch.compile student and teacher (speed.py)
 
 
 @dataclass
@@ -340,6 +342,9 @@ def run(request: RunRequest, say=print) -> dict[str, Any]:
         module = build_module(r, student, teacher, num_classes, context.artifacts, module_cls)
         record["adapter_params"] = cost.count_params(module.adapter_parameters())
         record["adapter_flops"] = cost.count_adapter_flops(module, input_shape)
+        speed_up(module, request)
+        if request.compile:
+            record["compile"] = request.compile
         if ckpt_info:
             check_checkpoint_fits(ckpt_path, ckpt_info["shapes"], module)
         trainer.fit(module, datamodule, ckpt_path=ckpt_path, weights_only=True)
@@ -428,6 +433,16 @@ def soft_label_source(context: StageContext, r: ResolvedRun, teacher: FrozenTeac
         return context.datamodule
 
     return prepare
+
+
+def speed_up(module, request: RunRequest, device=None) -> None:
+    """The fast path (speed.py): a channels-last conv teacher on CUDA, torch.compile with `compile`."""
+    if device is None:
+        device = "cuda" if resolve_accelerator(request.accelerator) in ("gpu", "cuda") else "cpu"
+    if module.teacher is not None and uses_channels_last(device):
+        module.teacher.to_channels_last()
+    if request.compile:
+        compile_module(module, request.compile)
 
 
 def build_module(

@@ -45,14 +45,32 @@ class _Renormalize(nn.Module):
         return x * self.scale + self.shift
 
 
+def released(value: Any) -> Any:
+    """`value` with every inference-mode tensor (in tuples, lists and dicts too) replaced by an ordinary
+    copy, which autograd may save for a backward pass; anything else is returned as it is."""
+    if isinstance(value, Tensor):
+        return value.clone() if value.is_inference() else value
+    if isinstance(value, tuple | list):
+        items = [released(v) for v in value]
+        return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
+    if isinstance(value, dict):
+        return type(value)((k, released(v)) for k, v in value.items())
+    return value
+
+
 class FrozenTeacher:
     """A teacher network that can never train.
 
     Deliberately *not* an `nn.Module`: held outside the method module's tree, it is absent from
     `parameters()`, `state_dict()` (checkpoints store its path and sha256 instead), DDP's
     parameter list and `train()`. It is moved with the module through `DistillModule._apply`.
-    Every call runs in eval mode under `torch.no_grad()` and re-normalises the student's batch
-    to the teacher's own mean/std when they differ (heterogeneous pairs).
+    Every call runs in eval mode under `torch.inference_mode()` (no autograd bookkeeping at all: no
+    version counters, no graph) and re-normalises the student's batch to the teacher's own mean/std
+    when they differ (heterogeneous pairs). Inference tensors may not be saved for the student's
+    backward, so the tensors `run` returns are converted to ordinary (frozen) ones on the way out: a
+    copy of what the caller receives (logits, features), small next to the forward.
+    `to_channels_last()` stores a conv teacher's weights and takes its inputs in NHWC (the runner does
+    it on CUDA, where cuDNN's NHWC kernels are the fast path, in bf16 above all).
     """
 
     def __init__(
@@ -66,6 +84,7 @@ class FrozenTeacher:
         self.model = model.eval().requires_grad_(False)
         self.info = dict(info or {})
         self.renorm: nn.Module | None = None
+        self.channels_last = False
         if input_stats and teacher_stats and tuple(map(tuple, input_stats)) != tuple(map(tuple, teacher_stats)):
             self.renorm = _Renormalize(*input_stats, *teacher_stats)
 
@@ -74,15 +93,25 @@ class FrozenTeacher:
         if self.renorm is not None:
             self.renorm._apply(fn)
 
+    def to_channels_last(self) -> FrozenTeacher:
+        """NHWC weights and inputs for a teacher with 2-d convolutions (a no-op for one without)."""
+        if any(isinstance(m, nn.Conv2d) for m in self.model.modules()):
+            self.model.to(memory_format=torch.channels_last)
+            self.channels_last = True
+        return self
+
     def prepare(self, x: Tensor) -> Tensor:
         if self.model.training:  # someone called train() on it: put it back
             self.model.eval()
+        if self.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
         return self.renorm(x) if self.renorm is not None else x
 
     def run(self, fn: Callable[[nn.Module, Tensor], Any], x: Tensor) -> Any:
         """`fn(model, x)` on the prepared batch, frozen: e.g. `lambda m, x: m.forward_intermediates(x)`."""
-        with torch.no_grad():
-            return fn(self.model, self.prepare(x))
+        with torch.inference_mode():
+            out = fn(self.model, self.prepare(x))
+        return released(out)
 
     def logits(self, x: Tensor) -> Tensor:
         return self.run(lambda m, v: m(v), x)
