@@ -33,6 +33,7 @@ BUDGET    ?=
 OUT       ?= leaderboards
 WANDB     ?=
 COMPILE   ?=
+PERF_ARGS ?=
 
 export DISTILLBENCH_TEACHERS ?= $(CURDIR)/teachers
 export DATA_ROOT
@@ -46,7 +47,7 @@ RUN_ARGS = --method $(METHOD) --protocol $(PROTOCOL) --seeds $(SEEDS) --devices 
 	$(if $(TEACHER_CACHE),--teacher-cache $(TEACHER_CACHE)) $(if $(AUGMENT),--augment $(AUGMENT)) \
 	$(if $(CROPS),--crops $(CROPS)) $(if $(COMPILE),--compile $(COMPILE))
 
-.PHONY: install bench search teachers softlabels leaderboard test lint list clean-venv
+.PHONY: install bench search teachers softlabels leaderboard perf gpu-check test lint list clean-venv
 
 install: $(STAMP)
 
@@ -77,6 +78,15 @@ softlabels: $(STAMP)
 leaderboard: $(STAMP)
 	$(PY) -m distillbench.leaderboards build --results $(RESULTS) --out $(OUT) \
 		$(if $(filter command line environment,$(origin PROTOCOL)),--protocol $(PROTOCOL)) $(if $(WANDB),--wandb)
+
+# distillation cost side by side (CPU, 1 thread): rewrites $(OUT)/performance.md (README, Performance)
+perf: $(STAMP)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m distillbench.benchmark.perf --protocol $(if $(filter command line environment,$(origin PROTOCOL)),$(PROTOCOL),fmnist) \
+		--out $(OUT)/performance.md $(PERF_ARGS)
+
+# on a machine with one CUDA GPU: KD and OFA throughput on cifar100 shapes, fp32 / bf16 / compiled (a few minutes)
+gpu-check: $(STAMP)
+	$(PY) -m distillbench.benchmark.gpu_check $(PERF_ARGS)
 
 list: $(STAMP)
 	$(PY) -m distillbench.benchmark list methods

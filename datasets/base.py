@@ -248,8 +248,13 @@ class ArrayDataModule(L.LightningDataModule):
             collate_fn=_identity,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            pin_memory=self._on_cuda(),  # page-locked batches: asynchronous host-to-device copies
             **extra,
         )
+
+    def _on_cuda(self) -> bool:
+        trainer = getattr(self, "trainer", None)
+        return trainer is not None and trainer.strategy.root_device.type == "cuda"
 
     def _batches_done(self) -> int:
         """Training batches of the current epoch already trained on (saved in checkpoints for exact resume)."""
