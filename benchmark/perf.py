@@ -388,6 +388,27 @@ def _split_table(t: dict[str, Any]) -> list[str]:
     return lines
 
 
+SETTING_KEYS = {
+    "protocol": ("protocol", "steps", "warmup", "rounds"),
+    "synthetic": ("cifar_pair", "cifar_steps", "cifar_rounds"),
+    "framework": ("fw_steps", "warmup", "rounds"),
+    "cache": ("cache_steps", "cache_limit", "rounds"),
+    "ddp": ("ddp_steps",),
+}
+
+
+def _settings(result: dict[str, Any]) -> str:
+    """Each table's own settings; `settings` is one argument set, or one per table (merged with --render)."""
+    settings = result["settings"]
+    parts = []
+    for table, keys in SETTING_KEYS.items():
+        if table in result:
+            own = settings.get(table, settings) if isinstance(settings.get(table), dict) else settings
+            parts.append(f"{table}: " + ", ".join(f"{k} {own[k]}" for k in keys if k in own))
+    merged = any(isinstance(v, dict) for v in settings.values())
+    return "; ".join(parts) + (" (tables run as separate `--only` processes, merged with `--render`)" if merged else "")
+
+
 def render(result: dict[str, Any]) -> str:
     m = result["machine"]
     out = [
@@ -398,9 +419,10 @@ def render(result: dict[str, Any]) -> str:
         f"Load average (1/5/15 min) at the start: {', '.join(map(str, m['load_start']))}; at the end: "
         f"{', '.join(map(str, m['load_avg_1_5_15']))}.",
         "",
-        "A shared machine under load gives noisy absolute times; arms are timed in alternating rounds and "
-        "compared by medians so that the load hits each alike. Ratios are the figures to read. "
-        f"Settings: {result['settings']}.",
+        "On a shared machine under load (the load average above: more runnable processes than cores) absolute "
+        "times are inflated and noisy; the arms of each table are timed in alternating rounds and compared by "
+        "medians so that the load hits each alike. Ratios are the figures to read. "
+        f"Settings: {_settings(result)}.",
         "",
     ]
     if "protocol" in result:

@@ -253,8 +253,8 @@ class ArrayDataModule(L.LightningDataModule):
         )
 
     def _on_cuda(self) -> bool:
-        trainer = getattr(self, "trainer", None)
-        return trainer is not None and trainer.strategy.root_device.type == "cuda"
+        device = getattr(getattr(getattr(self, "trainer", None), "strategy", None), "root_device", None)
+        return device is not None and device.type == "cuda"
 
     def _batches_done(self) -> int:
         """Training batches of the current epoch already trained on (saved in checkpoints for exact resume)."""

@@ -25,7 +25,10 @@ def test_perf_writes_the_tables(tiny_protocol_path, teacher_store, tmp_path):
     out = tmp_path / "performance.md"
     args = ["--protocol", str(tiny_protocol_path), "--teachers", str(teacher_store), "--only", "protocol,framework"]
     args += ["--steps", "1", "--rounds", "1", "--warmup", "1", "--fw-steps", "2", "--out", str(out)]
-    assert perf.main(args) == 0
+    assert perf.main([*args, "--json", str(tmp_path / "raw.json")]) == 0
+    rendered = tmp_path / "rendered.md"
+    assert perf.main(["--render", str(tmp_path / "raw.json"), "--out", str(rendered)]) == 0
+    assert rendered.read_text().split("## 1.")[1] == out.read_text().split("## 1.")[1]  # same tables from the JSON
     text = out.read_text()
     for method in ("vanilla", "kd", "dkd", "ofa", "kd++", "dkd++"):
         assert f"| {method} |" in text
