@@ -239,7 +239,10 @@ class DistillModule(L.LightningModule):
         self._batch_size = int(batch["image"].shape[0])
         if self.mixup is not None:
             batch = self.mixup(batch, step=self.global_step, rank=self.global_rank)
-        terms = self.losses(batch)
+        return self.optimise(self.losses(batch))
+
+    def optimise(self, terms: Mapping[str, Tensor]) -> Tensor:
+        """The training loss from the step's weighted terms: their sum, checked finite, each term logged."""
         loss = torch.stack([t.float() for t in terms.values()]).sum()
         if not torch.isfinite(loss):
             raise NonFiniteLossError(

@@ -157,6 +157,10 @@ def get_extension(key: str) -> Extension:
 
 
 _REGISTRY: dict[str, MethodSpec] = {}
+#: methods of other tasks (`task: detection` protocols), by task then name: the same method name (kd, kd++)
+#: names the task's own module, built on the same base contract
+_TASK_REGISTRY: dict[str, dict[str, MethodSpec]] = {}
+TASKS = ("classification", "detection")
 
 
 def register(
@@ -167,8 +171,12 @@ def register(
     needs_teacher: bool = True,
     extensions: tuple[str, ...] = (),
     teacher_hparams: tuple[str, ...] = (),
+    task: str = "classification",
 ) -> Callable[[type], type]:
     """Class decorator: `@register("kd", defaults={"temperature": 4.0, ...})`.
+
+    `task="detection"` registers the method's detection module (looked up by `get_method(name, task=...)`
+    for protocols with `task: detection`), beside any classification module of the same name.
 
     `extensions` names the attachable terms (e.g. `("nd",)` for a logit method) that a
     configuration may add with `<key>: {...}`. `teacher_hparams` names the hyper-parameters whose values
@@ -178,11 +186,15 @@ def register(
     if missing:
         raise MethodError(f"method {name!r}: teacher hyper-parameter(s) {missing} need a default")
 
+    if task not in TASKS:
+        raise MethodError(f"method {name!r}: unknown task {task!r}; valid: {', '.join(TASKS)}")
+    registry = _REGISTRY if task == "classification" else _TASK_REGISTRY.setdefault(task, {})
+
     def wrap(cls: type) -> type:
-        if name in _REGISTRY and _REGISTRY[name].module_cls is not cls:
+        if name in registry and registry[name].module_cls is not cls:
             raise MethodError(f"method {name!r} is registered twice")
         doc = (cls.__doc__ or "").strip().splitlines()
-        _REGISTRY[name] = MethodSpec(
+        registry[name] = MethodSpec(
             name=name,
             module_cls=cls,
             defaults=dict(defaults or {}),
@@ -198,14 +210,17 @@ def register(
     return wrap
 
 
-def get_method(name: str) -> MethodSpec:
+def get_method(name: str, task: str = "classification") -> MethodSpec:
+    registry = _REGISTRY if task == "classification" else _TASK_REGISTRY.get(task, {})
     try:
-        return _REGISTRY[name]
+        return registry[name]
     except KeyError:
-        close = difflib.get_close_matches(name, _REGISTRY, n=1)
+        close = difflib.get_close_matches(name, registry, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise MethodError(f"unknown method {name!r}{hint}; registered methods: {', '.join(list_methods())}") from None
+        what = "registered methods" if task == "classification" else f"methods registered for {task}"
+        names = ", ".join(list_methods(task)) or "(none)"
+        raise MethodError(f"unknown method {name!r}{hint}; {what}: {names}") from None
 
 
-def list_methods() -> list[str]:
-    return sorted(_REGISTRY)
+def list_methods(task: str = "classification") -> list[str]:
+    return sorted(_REGISTRY if task == "classification" else _TASK_REGISTRY.get(task, {}))

@@ -14,7 +14,7 @@ import timm
 from torch import nn
 
 from ..errors import BenchmarkError
-from . import cifar_resnet, cifar_resnet50, mae_vit, mobilenet, shufflenet, tiny_token, vgg, wrn
+from . import cifar_resnet, cifar_resnet50, detection, mae_vit, mobilenet, shufflenet, tiny_token, vgg, wrn
 from .convert import StateDictMismatchError, adopt_state_dict
 
 __all__ = [
@@ -34,7 +34,7 @@ def register_model(name: str, factory: Callable[..., nn.Module]) -> None:
     _MODELS[name] = factory
 
 
-for _family in (cifar_resnet, cifar_resnet50, wrn, vgg, mobilenet, shufflenet, tiny_token, mae_vit):
+for _family in (cifar_resnet, cifar_resnet50, wrn, vgg, mobilenet, shufflenet, tiny_token, mae_vit, detection):
     _family.register_all(register_model)
 
 
