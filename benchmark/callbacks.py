@@ -10,6 +10,15 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 
+def batch_size_of(batch) -> int:
+    """Images in a batch: a `{"image": (B, ...)}` dict, or a detection batch `(list of images, targets)`."""
+    if isinstance(batch, dict) and "image" in batch:
+        return int(batch["image"].shape[0])
+    if isinstance(batch, tuple | list) and batch and isinstance(batch[0], list | tuple):
+        return len(batch[0])
+    return 1
+
+
 class EpochHistory(Callback):
     """After each training epoch (validation has run by then), keep its evaluation metrics, the lr and
     the epoch means of the training loss terms.
@@ -27,7 +36,7 @@ class EpochHistory(Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
         terms = getattr(pl_module, "last_terms", None) or {}
-        n = int(batch["image"].shape[0]) if isinstance(batch, dict) and "image" in batch else 1
+        n = batch_size_of(batch)
         for key, value in terms.items():
             total = value.detach().double() * n
             self._sums[key] = self._sums[key] + total if key in self._sums else total
@@ -92,7 +101,7 @@ class Throughput(Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self.per_device_batch is None:  # what each rank really receives: global batch / world size
-            self.per_device_batch = int(batch["image"].shape[0])
+            self.per_device_batch = batch_size_of(batch)
             self.world_size = trainer.world_size
         self._start = self._now(trainer)
         self._data_gap = self._start - self._prev_end if self._prev_end is not None else None
@@ -106,7 +115,7 @@ class Throughput(Callback):
         self.step_time += end - self._start
         if self._data_gap is not None:
             self.data_time += self._data_gap
-        self.images += int(batch["image"].shape[0]) * trainer.world_size
+        self.images += batch_size_of(batch) * trainer.world_size
 
     def summary(self) -> dict[str, float | None]:
         batch = {

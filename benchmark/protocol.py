@@ -148,6 +148,9 @@ class Protocol:
     teacher_archs: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: per-method default pair (e.g. MIM methods run on an MAE-ViT pair when PAIR is not given); not hashed
     method_pairs: dict[str, str] = field(default_factory=dict)
+    #: `classification` (the default, absent from the hash) or `detection` (COCO-format data, Faster R-CNN
+    #: detectors, COCOeval AP: benchmark/detection.py runs it, methods register their detection modules)
+    task: str = "classification"
     source: str = ""  # the YAML file it came from (not hashed)
 
     # -- lookups -----------------------------------------------------------------------
@@ -274,6 +277,8 @@ class Protocol:
         for key in ("description", "pairs", "default_pair", "seeds", "methods", "source", "num_workers"):
             data.pop(key)
         data.pop("teacher_kinds"), data.pop("method_pairs"), data.pop("teacher_archs")
+        if data["task"] == "classification":  # absent by default, so classification hashes stay valid
+            data.pop("task")
         data["teacher"] = self.teacher_recipe_for(pair.teacher if pair else "").identity()
         # absent unless a run trains on the store's crops, so older records keep their hash
         if data.pop("store_augment"):
@@ -322,6 +327,8 @@ class Protocol:
         kind = kind_recipe(self, arch)
         if kind is not None:
             identity["teacher_kind"] = kind
+        if self.task != "classification":
+            identity["task"] = self.task
         return content_hash(identity)
 
 
@@ -399,7 +406,14 @@ def _build(cls: type, data: Any, where: str):
     return cls(**kwargs)
 
 
+TASKS = ("classification", "detection")
+
+
 def _validate(p: Protocol, where: str) -> None:
+    if p.task not in TASKS:
+        raise ProtocolError(f"{where}: task must be one of {', '.join(TASKS)}, got {p.task!r}")
+    if p.task == "detection" and p.input.channels != 3:
+        raise ProtocolError(f"{where}: detection protocols take RGB images (input.channels 3)")
     if p.teacher.source not in TEACHER_SOURCES:
         raise ProtocolError(f"{where}: teacher.source must be one of {', '.join(TEACHER_SOURCES)}")
     trained = p.teacher.source == "train"

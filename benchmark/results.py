@@ -192,6 +192,11 @@ def save_record(path: Path, record: dict[str, Any]) -> None:
     write_json_atomic(path, record)
 
 
+def primary_metric(record: dict[str, Any]) -> str:
+    """The record's reported number: COCOeval `AP` for detection runs (`task: detection`), else `top1`."""
+    return "AP" if record.get("task") == "detection" else "top1"
+
+
 def validate_record(record: Any) -> list[str]:
     """Problems with a record (empty list: valid)."""
     if not isinstance(record, dict):
@@ -209,9 +214,10 @@ def validate_record(record: Any) -> list[str]:
     if record["status"] not in STATUSES:
         problems.append(f"status {record['status']!r} not one of {STATUSES}")
     if record["status"] == "finished":
-        top1 = record["metrics"].get("top1")
-        if not isinstance(top1, int | float) or not 0 <= top1 <= 100:
-            problems.append("finished record without a top-1 in [0, 100]")
+        metric = primary_metric(record)
+        value = record["metrics"].get(metric)
+        if not isinstance(value, int | float) or not 0 <= value <= 100:
+            problems.append(f"finished record without a {'top-1' if metric == 'top1' else metric} in [0, 100]")
     for key in ("arch", "params"):
         if key not in record["student"]:
             problems.append(f"student.{key} missing")

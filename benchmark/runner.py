@@ -127,8 +127,8 @@ def available_devices(accelerator: str) -> int:
 
 def resolve(request: RunRequest) -> ResolvedRun:
     """Everything that can be checked before any work: fails fast with a specific message."""
-    spec = get_method(request.method)
     protocol = request.protocol if isinstance(request.protocol, Protocol) else load_protocol(request.protocol)
+    spec = get_method(request.method, task=protocol.task)
     changes = dict(request.hparams)
     protocol = protocol.for_pair(protocol.pair(request.pair))  # a pair's own epochs / global batch
     if request.epochs and request.epochs != protocol.epochs:
@@ -204,6 +204,10 @@ def _store_protocol(request: RunRequest, spec, protocol: Protocol, changes: dict
 def run(request: RunRequest, say=print) -> dict[str, Any]:
     """Run one seed and return its record (also written to disk on rank 0)."""
     r = resolve(request)
+    if r.protocol.task == "detection":  # its own loop, data and metrics (benchmark/detection.py)
+        from .detection import run_detection
+
+        return run_detection(r, say)
     # torchrun sets RANK/LOCAL_RANK, Lightning's own launcher LOCAL_RANK/NODE_RANK, srun SLURM_PROCID
     is_worker = any(os.environ.get(v, "0") != "0" for v in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))
     prior, ckpt_path, ckpt_info = None, None, {}

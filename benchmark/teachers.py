@@ -124,7 +124,8 @@ def load_teacher(
             f"{ckpt} was trained under a different teacher recipe of {protocol.name!r}; retrain with "
             f"`make teachers PROTOCOL={protocol.name} FORCE=1`"
         )
-    model = create_model(arch, num_classes=info["num_classes"], in_chans=protocol.input.channels)
+    size = {"image_size": protocol.input.size} if protocol.task == "detection" else {}
+    model = create_model(arch, num_classes=info["num_classes"], in_chans=protocol.input.channels, **size)
     load_state_dict_checked(ckpt, model, arch)
     info["checkpoint"] = str(ckpt)
     return model.eval(), info
@@ -149,6 +150,12 @@ def train_teacher(
     recipe = protocol.teacher_recipe_for(arch)
     if recipe.source != "train":
         raise TeacherError(_import_hint(protocol, arch, ckpt))
+    if protocol.task == "detection":  # detectors train with their own loop and metrics
+        from .detection import train_detection_teacher
+
+        return train_detection_teacher(
+            protocol, arch, root=root, accelerator=accelerator, progress=progress, data_root=data_root
+        )
     L.seed_everything(recipe.seed, workers=True, verbose=False)
     datamodule = make_datamodule(protocol, seed=recipe.seed, data_root=data_root)
     fingerprint = datamodule.fingerprint()

@@ -7,6 +7,7 @@ from typing import Any
 
 from .base import ArrayDataModule, ArrayDataset, ShardedEpochSampler
 from .cifar import CIFAR10DataModule, CIFAR100DataModule
+from .coco import CocoProtocolDataModule, ShapesDataModule
 from .digits import DigitsDataModule
 from .errors import CorruptDatasetError, DatasetError, DatasetNotFoundError, UnknownDatasetError
 from .fmnist import FashionMNISTDataModule
@@ -20,6 +21,8 @@ DATAMODULES: dict[str, type] = {
     "cifar100": CIFAR100DataModule,
     "imagenet": ImageNetDataModule,
     "webproxy": WebProxyDataModule,
+    "coco": CocoProtocolDataModule,
+    "shapes": ShapesDataModule,
 }
 
 

@@ -7,9 +7,12 @@ image_id, area, iscrowd. ``CocoDataModule`` finds the tree at ``root`` or ``$DAT
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import lightning as L
@@ -60,9 +63,10 @@ def load_coco(ann_file: Path):
 class CocoDetection(Dataset):
     """Images of one split with torchvision-detection targets."""
 
-    def __init__(self, root, split: str = "val"):
+    def __init__(self, root, split: str = "val", flip: bool = False):
         self.root = Path(root)
         self.split = split
+        self.flip = flip  # random horizontal flip of image and boxes (training augmentation), torch's RNG
         paths = expected_paths(self.root, split)
         missing = [p for p in paths if not p.exists()]
         if missing:
@@ -104,7 +108,18 @@ class CocoDetection(Dataset):
         except FileNotFoundError:
             raise DatasetNotFoundError(f"coco image {info['file_name']}", [str(path)], HOW_TO_GET) from None
         image = torch.from_numpy(arr).permute(2, 0, 1).contiguous()
-        return image, self.target(image_id)
+        target = self.target(image_id)
+        if self.flip and bool(torch.rand(()) < 0.5):
+            image, target = hflip(image, target)
+        return image, target
+
+
+def hflip(image: torch.Tensor, target: dict) -> tuple[torch.Tensor, dict]:
+    """Mirror a CHW image and its xyxy boxes left-right."""
+    width = image.shape[-1]
+    boxes = target["boxes"].clone()
+    boxes[:, [0, 2]] = width - target["boxes"][:, [2, 0]]
+    return image.flip(-1), {**target, "boxes": boxes}
 
 
 def collate(batch):
@@ -114,20 +129,43 @@ def collate(batch):
 
 
 class CocoDataModule(L.LightningDataModule):
-    """COCO detection (train2017 / val2017) from ``root`` or ``$DATA_ROOT/coco``."""
+    """COCO detection (train2017 / val2017) from ``root`` or ``$DATA_ROOT/coco``. ``flip``: random horizontal
+    flips of the training images (Detectron2's default augmentation)."""
 
-    def __init__(self, root=None, batch_size: int = 8, num_workers: int = 0):
+    name = "coco"
+
+    def __init__(self, root=None, batch_size: int = 8, num_workers: int = 0, flip: bool = False):
         super().__init__()
         self.root = resolve_root(root)
-        self.batch_size, self.num_workers = batch_size, num_workers
+        self.batch_size, self.num_workers, self.flip = batch_size, num_workers, flip
         self.train_set: CocoDetection | None = None
         self.val_set: CocoDetection | None = None
 
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit") and self.train_set is None:
-            self.train_set = CocoDetection(self.root, "train")
+            self.train_set = CocoDetection(self.root, "train", flip=self.flip)
         if self.val_set is None:
             self.val_set = CocoDetection(self.root, "val")
+
+    @property
+    def eval_batch_size(self) -> int:
+        return self.batch_size
+
+    def fingerprint(self) -> str:
+        """sha256 (16 hex) of the training annotations: which data a teacher was trained on."""
+        self.setup("fit")
+        digest = hashlib.sha256(self.name.encode())
+        with open(self.train_set.ann_file, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+        return digest.hexdigest()[:16]
+
+    def train_pass_loader(self) -> DataLoader:
+        """Every training image once, in order, without augmentation (ND's class-means pass)."""
+        self.setup("fit")
+        plain = CocoDetection(self.root, "train")
+        loader = plain, self.batch_size
+        return DataLoader(*loader, shuffle=False, num_workers=self.num_workers, collate_fn=collate)
 
     @property
     def num_classes(self) -> int:
@@ -141,3 +179,69 @@ class CocoDataModule(L.LightningDataModule):
     def val_dataloader(self):
         dl = self.val_set, self.batch_size
         return DataLoader(*dl, shuffle=False, num_workers=self.num_workers, collate_fn=collate)
+
+
+def _detection_augment(augment) -> bool:
+    """A detection protocol's `augment`: {kind: none, flip: bool} (random horizontal flips or none)."""
+    augment = dict(augment or {"kind": "none"})
+    if augment.get("kind", "none") != "none" or set(augment) - {"kind", "flip"}:
+        raise ValueError(f"detection data takes augment {{kind: none, flip: true|false}}, got {augment}")
+    return bool(augment.get("flip", False))
+
+
+class CocoProtocolDataModule(CocoDataModule):
+    """The `coco` dataset of the protocol registry: ``$DATA_ROOT/coco`` (``root`` is the data root, as for
+    every registered dataset); takes the runner's keyword arguments, of which detection uses the batch size,
+    workers and ``augment`` (flip)."""
+
+    def __init__(self, root=None, *, batch_size: int = 8, num_workers: int = 0, augment=None, **_recipe):
+        tree = Path(root) / "coco" if root else None
+        super().__init__(tree, batch_size=batch_size, num_workers=num_workers, flip=_detection_augment(augment))
+
+
+def shapes_cache_root() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "distillbench"
+
+
+class ShapesDataModule(CocoDataModule):
+    """The generated `shapes` set (datasets/shapes.py) in COCO layout, made on first use under
+    ``<root>/shapes/<settings>`` (``root``: the data root, else ``~/.cache/distillbench``); the images are
+    ``image_size`` px squares (the protocol's input size)."""
+
+    name = "shapes"
+
+    def __init__(
+        self,
+        root=None,
+        *,
+        batch_size: int = 8,
+        num_workers: int = 0,
+        augment=None,
+        image_size: int = 64,
+        num_train: int = 64,
+        num_val: int = 16,
+        gen_seed: int = 0,
+        **_recipe,
+    ):
+        base = Path(root) if root else shapes_cache_root()
+        self.settings = {"num_train": num_train, "num_val": num_val, "image_size": image_size, "seed": gen_seed}
+        tree = base / "shapes" / f"n{num_train}-{num_val}-px{image_size}-seed{gen_seed}"
+        super().__init__(tree, batch_size=batch_size, num_workers=num_workers, flip=_detection_augment(augment))
+
+    def prepare(self) -> None:
+        if all(p.exists() for split in ("train", "val") for p in expected_paths(self.root, split)):
+            return
+        from .shapes import make_shapes
+
+        self.root.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{self.root.name}.", dir=self.root.parent))
+        try:
+            make_shapes(tmp, **self.settings)
+            if not self.root.exists():  # another process may have made it meanwhile: theirs is identical
+                os.replace(tmp, self.root)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def setup(self, stage: str | None = None) -> None:
+        self.prepare()
+        super().setup(stage)

@@ -27,7 +27,7 @@ from typing import Any
 
 from ..benchmark.errors import BenchmarkError
 from ..benchmark.protocol import load_protocol
-from ..benchmark.results import load_record, method_label
+from ..benchmark.results import load_record, method_label, primary_metric
 from .reported import ReportedResult
 
 NO_TEACHER = "—"
@@ -73,6 +73,14 @@ class Row:
     reported_verified: bool | None = None
     has_teacher: bool = True
     paths: list[str] = field(default_factory=list)
+    #: the reported metric held in `top1` (and `best_top1`, `teacher_top1`): "top1", or "AP" for detection
+    metric: str = "top1"
+    #: detection: AP50, AP75, APs, APm, APl per seed (percent), beside AP in `top1`
+    extra: dict[str, list[float]] = field(default_factory=dict)
+
+    @property
+    def is_detection(self) -> bool:
+        return self.metric == "AP"
 
     @property
     def cell(self) -> str:
@@ -187,7 +195,14 @@ def _row(key: tuple, entries: list[tuple[dict[str, Any], str]]) -> Row:
     entries = sorted(entries, key=lambda e: e[0]["seed"])
     recs = [r for r, _ in entries]
     teachers = [r["teacher"] or {} for r in recs]
+    metric = primary_metric(recs[0])
+    extra = {}
+    if metric == "AP":
+        for name in ("AP50", "AP75", "APs", "APm", "APl"):
+            extra[name] = [float(r["metrics"][name]) for r in recs if isinstance(r["metrics"].get(name), int | float)]
     return Row(
+        metric=metric,
+        extra=extra,
         protocol=protocol,
         protocol_version=version,
         protocol_hash=phash,
@@ -195,15 +210,15 @@ def _row(key: tuple, entries: list[tuple[dict[str, Any], str]]) -> Row:
         student=student,
         method=method,
         seeds=[r["seed"] for r in recs],
-        top1=[float(r["metrics"]["top1"]) for r in recs],
+        top1=[float(r["metrics"][metric]) for r in recs],
         top5=[float(r["metrics"]["top5"]) for r in recs if isinstance(r["metrics"].get("top5"), int | float)],
         best_top1=[
-            float(r["best_epoch_metrics"]["top1"])
+            float(r["best_epoch_metrics"][metric])
             for r in recs
-            if isinstance(r["best_epoch_metrics"].get("top1"), int | float)
+            if isinstance(r["best_epoch_metrics"].get(metric), int | float)
         ],
         teacher_sha256=sorted({t["checkpoint_sha256"][:12] for t in teachers if t.get("checkpoint_sha256")}),
-        teacher_top1=sorted({float(t["top1"]) for t in teachers if isinstance(t.get("top1"), int | float)}),
+        teacher_top1=sorted({float(t[metric]) for t in teachers if isinstance(t.get(metric), int | float)}),
         git_commits=sorted({_short_commit(r["git_commit"]) for r in recs if r["git_commit"]}),
         student_params=_one([r["student"].get("params") for r in recs]),
         student_flops=_one([r["student"].get("flops") for r in recs]),

@@ -91,12 +91,24 @@ def csv_values(row: Row) -> dict[str, str]:
     }
 
 
+#: a detection board's extra CSV columns (its `top1_*` columns then hold COCOeval AP, percent)
+DETECTION_CSV_COLUMNS = ("metric", "AP50_mean", "AP75_mean", "APs_mean", "APm_mean", "APl_mean")
+
+
+def detection_csv_values(row: Row) -> dict[str, str]:
+    values = {"metric": row.metric}
+    values.update({f"{name}_mean": _num(_mean(row.extra.get(name, [])), 4) for name in DETECTION_METRICS})
+    return values
+
+
 def to_csv(board: Leaderboard) -> str:
+    detection = any(r.is_detection for r in board.rows)
     out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=CSV_COLUMNS, lineterminator="\n")
+    columns = CSV_COLUMNS + (DETECTION_CSV_COLUMNS if detection else ())
+    writer = csv.DictWriter(out, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     for row in board.rows:
-        writer.writerow(csv_values(row))
+        writer.writerow({**csv_values(row), **(detection_csv_values(row) if detection else {})})
     return out.getvalue()
 
 
@@ -152,6 +164,29 @@ DISPLAY = (
 )
 
 
+DETECTION_METRICS = ("AP50", "AP75", "APs", "APm", "APl")
+
+#: a detection cell's columns: COCOeval AP (mean ± std, in `top1`) then AP50 … APl means (percent)
+DETECTION_DISPLAY = (
+    ("rank", "#", lambda r: str(r.rank)),
+    ("method", "method", lambda r: r.method),
+    ("n", "n", lambda r: str(r.n)),
+    ("top1", "AP", top1_text),
+    *((name, name, lambda r, n=name: _num(_mean(r.extra.get(n, []))) or "—") for name in DETECTION_METRICS),
+    ("best", "best-epoch AP", lambda r: _num(_mean(r.best_top1)) or "—"),
+    ("params", "params", lambda r: _si(r.student_params)),
+    ("adapter", "adapter params", lambda r: _si(r.adapter_params)),
+    ("imgs", "img/s", lambda r: _num(r.throughput_img_s, 0) or "—"),
+    ("overhead", "overhead ×", lambda r: _num(r.overhead_vs_student) or "—"),
+    ("mem", "peak MB", lambda r: _num(r.peak_mem_mb, 0) or "—"),
+    ("prov", "provenance", provenance_text),
+)
+
+
+def display_for(rows: list[Row]) -> tuple:
+    return DETECTION_DISPLAY if rows and rows[0].is_detection else DISPLAY
+
+
 def cell_title(rows: list[Row]) -> str:
     r = rows[0]
     teacher = f"{r.teacher} → {r.student}" if r.teacher != "—" else f"{r.student} (no teacher)"
@@ -164,7 +199,8 @@ def teacher_text(rows: list[Row]) -> str:
         return ""
     top1 = sorted({t for r in distilled for t in r.teacher_top1})
     sha = sorted({s for r in distilled for s in r.teacher_sha256})
-    return f"teacher top-1 {', '.join(f'{t:.2f}' for t in top1)} % (checkpoint sha256 {', '.join(sha)})"
+    what = "AP" if distilled[0].is_detection else "top-1"
+    return f"teacher {what} {', '.join(f'{t:.2f}' for t in top1)} % (checkpoint sha256 {', '.join(sha)})"
 
 
 def _best(rows: list[Row]) -> float:
@@ -178,20 +214,31 @@ NOTES = (
 )
 
 
+DETECTION_NOTES = (
+    "Detection cells: AP is COCOeval's box AP@[.5:.95] (%) on the evaluation split at the last epoch, mean ± "
+    "sample std over seeds (n); AP50/AP75/APs/APm/APl are seed means. Best-epoch AP is for comparison only."
+)
+
+
+def notes_for(board: Leaderboard) -> str:
+    return NOTES + (" " + DETECTION_NOTES if any(r.is_detection for r in board.rows) else "")
+
+
 def to_markdown(board: Leaderboard, command: str = "") -> str:
     lines = [f"# distillbench leaderboard — `{board.protocol}`", ""]
     if command:
         lines += [f"Generated from the run records by `{command}`.", ""]
-    lines += [NOTES, ""]
+    lines += [notes_for(board), ""]
     for _, rows in board.cells():
         lines += [f"## {cell_title(rows)}", ""]
         if teacher_text(rows):
             lines += [teacher_text(rows).capitalize() + ".", ""]
-        lines.append("| " + " | ".join(head for _, head, _ in DISPLAY) + " |")
-        lines.append("|" + "|".join("---:" if key not in ("method", "prov") else "---" for key, _, _ in DISPLAY) + "|")
+        display = display_for(rows)
+        lines.append("| " + " | ".join(head for _, head, _ in display) + " |")
+        lines.append("|" + "|".join("---:" if key not in ("method", "prov") else "---" for key, _, _ in display) + "|")
         best = _best(rows)
         for row in rows:
-            cells = [fn(row) for _, _, fn in DISPLAY]
+            cells = [fn(row) for _, _, fn in display]
             if row.top1_mean == best:
                 cells[3] = f"**{cells[3]}**"
             lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
@@ -220,7 +267,8 @@ def tex_escape(text: str) -> str:
 
 def to_latex(board: Leaderboard) -> str:
     """A booktabs table per protocol; one block per cell, the best mean in bold."""
-    head = ["Teacher", "Student", "Method", "$n$", "Top-1 (\\%)", "$\\Delta$ rep.", "FLOPs", "Overhead"]
+    metric = "AP (\\%)" if any(r.is_detection for r in board.rows) else "Top-1 (\\%)"
+    head = ["Teacher", "Student", "Method", "$n$", metric, "$\\Delta$ rep.", "FLOPs", "Overhead"]
     lines = [
         f"% distillbench leaderboard for protocol {tex_escape(board.protocol)}; generated from run records",
         "% requires \\usepackage{booktabs}",
@@ -321,7 +369,7 @@ def to_html(board: Leaderboard, command: str = "") -> str:
         f"<title>distillbench leaderboard — {e(board.protocol)}</title>",
         f"<style>{_STYLE}</style></head><body>",
         f"<h1>distillbench leaderboard — <code>{e(board.protocol)}</code></h1>",
-        f'<p class="note">{e(NOTES)} Click a column header to sort.</p>',
+        f'<p class="note">{e(notes_for(board))} Click a column header to sort.</p>',
     ]
     if command:
         out.append(f'<p class="note">Generated from the run records by <code>{e(command)}</code>.</p>')
@@ -329,8 +377,9 @@ def to_html(board: Leaderboard, command: str = "") -> str:
         out.append(f"<h2>{e(cell_title(rows))}</h2>")
         if teacher_text(rows):
             out.append(f'<p class="note">{e(teacher_text(rows).capitalize())}.</p>')
+        display = display_for(rows)
         out.append('<table class="lb"><thead><tr>')
-        for key, head, _ in DISPLAY:
+        for key, head, _ in display:
             cls = ' class="t"' if key in ("method", "prov") else ""
             out.append(f'<th data-key="{key}"{cls}>{e(head)}</th>')
         out.append("</tr></thead><tbody>")
@@ -338,7 +387,7 @@ def to_html(board: Leaderboard, command: str = "") -> str:
         for row in rows:
             attrs = f' data-method="{e(row.method)}"' + (' class="best"' if row.top1_mean == best else "")
             out.append(f"<tr{attrs}>")
-            for key, _, fn in DISPLAY:
+            for key, _, fn in display:
                 value = _SORT_VALUE.get(key, fn)(row)
                 cls = ' class="t"' if key in ("method", "prov") else ""
                 out.append(f'<td{cls} data-v="{e("" if value is None else str(value))}">{e(fn(row))}</td>')
@@ -376,7 +425,8 @@ def plot(board: Leaderboard, path: Path) -> None:
     axes[0].set_xscale("log")
     axes[0].set_xlabel("student FLOPs (fvcore, one image)")
     axes[1].set_xlabel("training cost: step time / vanilla student's")
-    axes[0].set_ylabel("top-1 (%), mean ± std over seeds")
+    metric = "AP" if any(r.is_detection for r in board.rows) else "top-1"
+    axes[0].set_ylabel(f"{metric} (%), mean ± std over seeds")
     for ax in axes:
         ax.grid(alpha=0.3)
     axes[1].legend(loc="best", fontsize="small")
