@@ -275,6 +275,9 @@ def _print_summary(records: list[dict | None]) -> None:
             continue
         m, b = r.get("metrics", {}), r.get("best_epoch_metrics", {})
         best = f"{b.get('top1', float('nan')):.2f} ({b.get('epoch')})" if b else ""
+        if r.get("task") == "detection":  # COCOeval AP / AP50 in the top-1 / top-5 columns, labelled
+            m = {"top1": f"AP {_fmt(m.get('AP'))}", "top5": f"AP50 {_fmt(m.get('AP50'))}"}
+            best = f"AP {b.get('AP', float('nan')):.2f} ({b.get('epoch')})" if b else ""
         table.add_row(
             r["method"] + (f"@{r['variant']}" if r.get("variant") else ""),
             r["protocol"],
@@ -292,6 +295,8 @@ def _print_summary(records: list[dict | None]) -> None:
 
 
 def _fmt(value, digits: int = 2) -> str:
+    if isinstance(value, str):  # already formatted
+        return value
     return "—" if value is None else f"{value:.{digits}f}"
 
 
@@ -311,7 +316,8 @@ def cmd_teachers(args: argparse.Namespace) -> int:
     found = {p.teacher for p in protocol.pairs} | set(method_teachers(protocol))
     archs = args.arch or sorted(found, key=lambda arch: (split_kind(arch)[1] in PARENT_KIND, arch))
     table = Table(title=f"teachers of {protocol.name}")
-    for col in ("arch", "action", "test top-1", "sha256", "checkpoint"):
+    metric = "AP" if protocol.task == "detection" else "top1"
+    for col in ("arch", "action", "test AP" if metric == "AP" else "test top-1", "sha256", "checkpoint"):
         table.add_column(col)
     for arch in archs:
         ckpt, _ = teacher_paths(args.teachers, protocol, arch)
@@ -335,7 +341,7 @@ def cmd_teachers(args: argparse.Namespace) -> int:
             if os.environ.get("LOCAL_RANK", "0") != "0":
                 continue
         _, info = load_teacher(protocol, arch, args.teachers, data_fingerprint=fingerprint)
-        table.add_row(arch, action, _fmt(info.get("top1")), info["sha256"][:12], str(ckpt))
+        table.add_row(arch, action, _fmt(info.get(metric)), info["sha256"][:12], str(ckpt))
     if os.environ.get("LOCAL_RANK", "0") == "0":
         Console().print(table)
     return 0
