@@ -48,6 +48,7 @@ def comparison_lines(rows: list[Row]) -> list[str]:
         lines.append(
             f"- {question}: `{ours.method}` {_mean_std(ours)} (n = {ours.n}) {verdict} `{base.method}` "
             f"{_mean_std(base)} (n = {base.n}): {diff:+.2f}"
+            + (" (one seed: not yet a result)" if min(ours.n, base.n) < 2 else "")
         )
     return lines
 
