@@ -33,6 +33,7 @@ BUDGET    ?=
 OUT       ?= leaderboards
 WANDB     ?=
 COMPILE   ?=
+GPU_AUGMENT ?=
 PERF_ARGS ?=
 
 export DISTILLBENCH_TEACHERS ?= $(CURDIR)/teachers
@@ -45,7 +46,8 @@ RUN_ARGS = --method $(METHOD) --protocol $(PROTOCOL) --seeds $(SEEDS) --devices 
 	$(if $(RESUME),--resume) $(if $(CKPT_EVERY),--checkpoint-every $(CKPT_EVERY)) \
 	$(if $(VARIANT),--variant $(VARIANT)) $(foreach s,$(SET),--set $(s)) \
 	$(if $(TEACHER_CACHE),--teacher-cache $(TEACHER_CACHE)) $(if $(AUGMENT),--augment $(AUGMENT)) \
-	$(if $(CROPS),--crops $(CROPS)) $(if $(COMPILE),--compile $(COMPILE))
+	$(if $(CROPS),--crops $(CROPS)) $(if $(COMPILE),--compile $(COMPILE)) \
+	$(if $(GPU_AUGMENT),--gpu-augment)
 
 .PHONY: install bench search teachers softlabels leaderboard perf gpu-check test lint list clean-venv
 

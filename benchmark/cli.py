@@ -115,6 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="torch.compile the student's and teacher's forward: 1 (inductor) or a dynamo backend (default off)",
     )
     run.add_argument(
+        "--gpu-augment",
+        action="store_true",
+        help="pad-crop + flip on the training device after the batch transfer (padcrop protocols; "
+        "same draws, so same results; default $GPU_AUGMENT)",
+    )
+    run.add_argument(
         "--teacher-cache",
         default=None,
         help="1: train with teacher targets from the soft-label store (made if missing); or a store path",
@@ -216,6 +222,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         measure_overhead=not args.no_overhead,
         teacher_cache=None if str(args.teacher_cache or "").lower() in ("", "0", "false", "no") else args.teacher_cache,
         compile=_compile_backend(args.compile),
+        augment_on_device=args.gpu_augment or _flag(os.environ.get("GPU_AUGMENT")),
         augment=args.augment or None,
         crops=args.crops,
     )

@@ -75,6 +75,8 @@ class RunRequest:
     augment: str | None = None  # "store": the soft-label store's RandomResizedCrop, drawn live
     crops: int | None = None  # crops per image in the soft-label store (overrides the protocol's)
     compile: str | None = None  # a dynamo backend ("inductor"): torch.compile student and teacher (speed.py)
+    #: pad-crop + flip on the training device after the batch transfer (same draws: results unchanged)
+    augment_on_device: bool = False
 
 
 @dataclass
@@ -100,8 +102,12 @@ class ResolvedRun:
         return self.protocol.hash(self.pair, self.extra_teachers)
 
 
-def make_datamodule(protocol: Protocol, *, seed: int, data_root: str | None = None, pair=None):
-    """The protocol's data; with `pair`, trained with that pair's augmentation (its student recipe)."""
+def make_datamodule(
+    protocol: Protocol, *, seed: int, data_root: str | None = None, pair=None, augment_on_device: bool = False
+):
+    """The protocol's data; with `pair`, trained with that pair's augmentation (its student recipe).
+
+    `augment_on_device`: a padcrop augmentation runs on the training device (`ArrayDataModule`)."""
     val = protocol.dataset.val_size
     return create_datamodule(
         protocol.dataset.name,
@@ -115,6 +121,7 @@ def make_datamodule(protocol: Protocol, *, seed: int, data_root: str | None = No
         num_workers=protocol.num_workers,
         root=data_root or os.environ.get("DATA_ROOT"),
         image_size=protocol.input.size,
+        **({"augment_on_device": True} if augment_on_device else {}),
         **protocol.dataset.options,
     )
 
@@ -237,7 +244,9 @@ def run(request: RunRequest, say=print) -> dict[str, Any]:
         run_id = prior["run_id"] if prior and prior.get("run_id") else uuid.uuid4().hex[:12]
     os.environ["DISTILLBENCH_RUN_ID"] = run_id  # DDP workers re-run this command: share the id
 
-    datamodule = make_datamodule(protocol, seed=seed, data_root=request.data_root, pair=pair)
+    datamodule = make_datamodule(
+        protocol, seed=seed, data_root=request.data_root, pair=pair, augment_on_device=request.augment_on_device
+    )
     datamodule.setup()  # a missing or corrupt dataset fails here, before anything is written
     num_classes = datamodule.num_classes
     teacher, teacher_info = _build_teacher(r, datamodule, say) if r.spec.needs_teacher else (None, None)
@@ -349,6 +358,8 @@ def run(request: RunRequest, say=print) -> dict[str, Any]:
         speed_up(module, request)
         if request.compile:
             record["compile"] = request.compile
+        if getattr(datamodule, "augment_on_device", False):
+            record["augment_on_device"] = True
         if ckpt_info:
             check_checkpoint_fits(ckpt_path, ckpt_info["shapes"], module)
         trainer.fit(module, datamodule, ckpt_path=ckpt_path, weights_only=True)

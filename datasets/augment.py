@@ -30,6 +30,21 @@ DEFAULT_CROP_PCT = 0.875  # timm's; ImageNet's resize 256 → centre crop 224
 RRC_ATTEMPTS = 10  # torchvision's RandomResizedCrop tries 10 boxes before its fallback
 
 
+def padcrop_params(
+    index: np.ndarray, epoch: np.ndarray, seed: int, pad: int, flip: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(top, left, flip) of `padcrop` per sample: offsets in [0, 2·pad] from streams 0 and 1, flip stream 2."""
+    n = len(np.asarray(index))
+    top = (
+        np.floor(uniform(seed, epoch, index, 0) * (2 * pad + 1)).astype(np.int64) if pad > 0 else np.zeros(n, np.int64)
+    )
+    left = (
+        np.floor(uniform(seed, epoch, index, 1) * (2 * pad + 1)).astype(np.int64) if pad > 0 else np.zeros(n, np.int64)
+    )
+    flips = flip_mask(index, epoch, seed) if flip else np.zeros(n, dtype=bool)
+    return top, left, flips
+
+
 def padcrop(images: Tensor, index: np.ndarray, epoch: np.ndarray, seed: int, pad: int, flip: bool) -> Tensor:
     """RandomCrop(size, padding=pad, zero fill) then, if `flip`, horizontal flip with p = 0.5."""
     b, _, h, w = images.shape

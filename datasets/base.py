@@ -24,6 +24,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
 
 from . import augment, timm_augment
 from .augment import eval_spec
+from .batch_augment import black_fill, pad_crop_flip_at
 from .errors import DatasetError
 from .resumable import ResumableLoader
 
@@ -37,6 +38,10 @@ class ArrayDataset(Dataset):
 
     Keys are `index` or `(index, epoch)`; `__getitems__` returns one collated batch dict
     (`image` float32 normalised, `label`, `index`), applying the batched augmentation.
+
+    With `deferred_padcrop=(pad, flip)` the images stay un-augmented and the batch also carries `crop`
+    (B, 3) int64: the (top, left, flip) that `augment.padcrop` would have drawn, for the data module to
+    apply on the device (`ArrayDataModule.on_after_batch_transfer`).
     """
 
     def __init__(
@@ -48,6 +53,7 @@ class ArrayDataset(Dataset):
         std: Sequence[float],
         augment_spec: Mapping[str, Any] | None = None,
         seed: int = 0,
+        deferred_padcrop: tuple[int, bool] | None = None,
     ):
         if images.dtype != torch.uint8 or images.ndim != 4:
             raise DatasetError(f"expected uint8 images (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
@@ -58,6 +64,9 @@ class ArrayDataset(Dataset):
         self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
         self.augment_spec = dict(augment_spec) if augment_spec else None
         self.seed = seed
+        if deferred_padcrop is not None and self.augment_spec:
+            raise DatasetError("a deferred pad-crop replaces the augmentation: pass no augment_spec with it")
+        self.deferred_padcrop = deferred_padcrop
 
     def __len__(self) -> int:
         return len(self.images)
@@ -77,7 +86,11 @@ class ArrayDataset(Dataset):
         x = self.normalize(images)
         if spec.get("re_prob"):  # timm's RandomErasing acts on the normalised image
             x = timm_augment.random_erase(x, index, epoch, self.seed, float(spec["re_prob"]))
-        return {"image": x, "label": self.labels[idx], "index": idx}
+        batch = {"image": x, "label": self.labels[idx], "index": idx}
+        if self.deferred_padcrop is not None:
+            top, left, flips = augment.padcrop_params(index, epoch, self.seed, *self.deferred_padcrop)
+            batch["crop"] = torch.from_numpy(np.stack([top, left, flips.astype(np.int64)], axis=1))
+        return batch
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Tensor]:
         batch = self.__getitems__([key])
@@ -173,6 +186,7 @@ class ArrayDataModule(L.LightningDataModule):
         num_workers: int = 0,
         root: str | None = None,
         image_size: int | None = None,
+        augment_on_device: bool = False,
     ):
         super().__init__()
         self.global_batch = batch_size
@@ -182,6 +196,14 @@ class ArrayDataModule(L.LightningDataModule):
         if self.augment_spec.get("kind") == "rrc" and image_size is not None:
             self.augment_spec.setdefault("size", image_size)
         self.eval_spec = eval_spec(self.augment_spec)  # e.g. resize + centre crop after rrc
+        self.augment_on_device = bool(augment_on_device)
+        if self.augment_on_device:
+            extra = sorted(set(self.augment_spec) - {"kind", "pad", "flip"})
+            if self.augment_spec.get("kind") != "padcrop" or extra:
+                raise DatasetError(
+                    "augment_on_device supports only a plain padcrop augmentation (kind, pad, flip), got "
+                    f"{self.augment_spec}"
+                )
         self.mean = tuple(mean or self.default_mean)
         self.std = tuple(std or self.default_std)
         self.num_workers = num_workers
@@ -200,9 +222,27 @@ class ArrayDataModule(L.LightningDataModule):
         (x_train, y_train), (x_test, y_test) = self.load_arrays()
         kept, held = stratified_split(y_train.numpy(), self.val_size, self.split_seed)
         kw = {"mean": self.mean, "std": self.std, "seed": self.seed}
-        self.train_set = ArrayDataset(x_train[kept], y_train[kept], augment_spec=self.augment_spec, **kw)
+        if self.augment_on_device:  # the loader ships un-augmented images; on_after_batch_transfer crops them
+            deferred = (int(self.augment_spec.get("pad", 4)), bool(self.augment_spec.get("flip", True)))
+            self.train_set = ArrayDataset(x_train[kept], y_train[kept], deferred_padcrop=deferred, **kw)
+        else:
+            self.train_set = ArrayDataset(x_train[kept], y_train[kept], augment_spec=self.augment_spec, **kw)
         self.val_set = ArrayDataset(x_train[held], y_train[held], augment_spec=self.eval_spec, **kw)
         self.test_set = ArrayDataset(x_test, y_test, augment_spec=self.eval_spec, **kw)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """With `augment_on_device`: the training batch's pad-crop + flip, applied on its device.
+
+        Same offsets and flips as the loader-side `augment.padcrop` (counter-based on seed, epoch and
+        index), so the batches — and the training run — are the same either way.
+        """
+        if isinstance(batch, dict) and "crop" in batch:
+            batch = dict(batch)
+            crop = batch.pop("crop")
+            pad = self.train_set.deferred_padcrop[0]
+            fill = black_fill(self.mean, self.std).to(batch["image"].device)
+            batch["image"] = pad_crop_flip_at(batch["image"], crop[:, 0], crop[:, 1], crop[:, 2].bool(), pad, fill)
+        return batch
 
     def fingerprint(self) -> str:
         """sha256 (16 hex) of the training split's images and labels: which data a teacher was trained on.
