@@ -28,7 +28,7 @@ from ..methods import FrozenTeacher, NonFiniteLossError, StageContext, get_metho
 from . import cost
 from .checkpointing import RecordProgress
 from .errors import BenchmarkError
-from .results import check_writable, git_commit, now_iso, save_record, set_aside, write_json_atomic
+from .results import check_writable, now_iso, save_record, set_aside, write_json_atomic
 from .trainer import build_trainer, make_loggers
 from .zoo import create_model
 
@@ -185,7 +185,7 @@ def train_detection_teacher(protocol, arch: str, *, root=None, accelerator="auto
     """Train detector `arch` on the protocol's training split with its teacher recipe (the detection `vanilla`
     module) and store it with its sidecar (AP on the evaluation split in percent; `top1` is None)."""
     from .runner import make_datamodule
-    from .teachers import SIDECAR_SCHEMA, save_checkpoint_atomic, teacher_paths
+    from .teachers import store_trained, teacher_paths
 
     ckpt, sidecar = teacher_paths(root, protocol, arch)
     recipe = protocol.teacher_recipe_for(arch)
@@ -214,33 +214,18 @@ def train_detection_teacher(protocol, arch: str, *, root=None, accelerator="auto
     start = time.perf_counter()
     trainer.fit(module, datamodule)
     last = history.history[-1]
-    digest = save_checkpoint_atomic({k: v.detach().cpu() for k, v in model.state_dict().items()}, ckpt)
-    info = {
-        "schema_version": SIDECAR_SCHEMA,
-        "arch": arch,
-        "task": "detection",
-        "protocol": protocol.name,
-        "protocol_version": protocol.version,
-        "teacher_key": protocol.teacher_key(arch, fingerprint),
-        "data_fingerprint": fingerprint,
-        "num_classes": datamodule.num_classes,
-        "input": {
-            "size": protocol.input.size,
-            "channels": protocol.input.channels,
-            "mean": list(protocol.input.mean),
-            "std": list(protocol.input.std),
-        },
-        "sha256": digest,
-        "top1": None,
-        "top5": None,
-        **detection_metrics(last),
-        "epochs": recipe.epochs,
-        "seed": recipe.seed,
-        "source": "trained",
-        "train_time_s": round(time.perf_counter() - start, 1),
-        "trained_at": now_iso(),
-        "git_commit": git_commit(),
-    }
+    info = store_trained(
+        protocol,
+        arch,
+        model,
+        ckpt,
+        fingerprint=fingerprint,
+        num_classes=datamodule.num_classes,
+        metrics={"task": "detection", "top1": None, "top5": None, **detection_metrics(last)},
+        epochs=recipe.epochs,
+        seed=recipe.seed,
+        train_time_s=time.perf_counter() - start,
+    )
     write_json_atomic(sidecar, info)
     return info
 

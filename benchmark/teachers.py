@@ -131,6 +131,47 @@ def load_teacher(
     return model.eval(), info
 
 
+def store_trained(
+    protocol: Protocol,
+    arch: str,
+    model: torch.nn.Module,
+    ckpt: Path,
+    *,
+    fingerprint: str,
+    num_classes: int,
+    metrics: dict[str, Any],
+    epochs: int,
+    seed: int,
+    train_time_s: float,
+) -> dict[str, Any]:
+    """Save a freshly trained teacher's weights (atomically) and return its sidecar, for the caller to extend
+    and write: identity (teacher key, data fingerprint, input), sha256, `metrics`, provenance."""
+    digest = save_checkpoint_atomic({k: v.detach().cpu() for k, v in model.state_dict().items()}, ckpt)
+    return {
+        "schema_version": SIDECAR_SCHEMA,
+        "arch": arch,
+        "protocol": protocol.name,
+        "protocol_version": protocol.version,
+        "teacher_key": protocol.teacher_key(arch, fingerprint),
+        "data_fingerprint": fingerprint,
+        "num_classes": num_classes,
+        "input": {
+            "size": protocol.input.size,
+            "channels": protocol.input.channels,
+            "mean": list(protocol.input.mean),
+            "std": list(protocol.input.std),
+        },
+        "sha256": digest,
+        **metrics,
+        "epochs": epochs,
+        "seed": seed,
+        "source": "trained",
+        "train_time_s": round(train_time_s, 1),
+        "trained_at": now_iso(),
+        "git_commit": git_commit(),
+    }
+
+
 def train_teacher(
     protocol: Protocol,
     arch: str,
@@ -212,33 +253,23 @@ def train_teacher(
     if not trainer.is_global_zero:
         return {}
     last = history.history[-1]
-    digest = save_checkpoint_atomic({k: v.detach().cpu() for k, v in model.state_dict().items()}, ckpt)
-    info = {
-        "schema_version": SIDECAR_SCHEMA,
-        "arch": arch,
-        "protocol": protocol.name,
-        "protocol_version": protocol.version,
-        "teacher_key": protocol.teacher_key(arch, fingerprint),
-        "data_fingerprint": fingerprint,
-        "num_classes": datamodule.num_classes,
-        "input": {
-            "size": protocol.input.size,
-            "channels": protocol.input.channels,
-            "mean": list(protocol.input.mean),
-            "std": list(protocol.input.std),
+    mae = split_kind(arch)[1] == "mae"  # an MAE-pretrained teacher has no trained classifier: no accuracy
+    info = store_trained(
+        protocol,
+        arch,
+        model,
+        ckpt,
+        fingerprint=fingerprint,
+        num_classes=datamodule.num_classes,
+        metrics={
+            "top1": None if mae else last.get("test/top1"),
+            "top5": None if mae else last.get("test/top5"),
+            "val_top1": None if mae else last.get("val/top1"),
         },
-        "sha256": digest,
-        # an MAE-pretrained teacher has no trained classifier: no accuracy to report
-        "top1": None if split_kind(arch)[1] == "mae" else last.get("test/top1"),
-        "top5": None if split_kind(arch)[1] == "mae" else last.get("test/top5"),
-        "val_top1": None if split_kind(arch)[1] == "mae" else last.get("val/top1"),
-        "epochs": epochs,
-        "seed": int(kind.get("seed", recipe.seed)) if kind else recipe.seed,
-        "source": "trained",
-        "train_time_s": round(time.perf_counter() - start, 1),
-        "trained_at": now_iso(),
-        "git_commit": git_commit(),
-    }
+        epochs=epochs,
+        seed=int(kind.get("seed", recipe.seed)) if kind else recipe.seed,
+        train_time_s=time.perf_counter() - start,
+    )
     if kind is not None:
         info.update(kind=split_kind(arch)[1], has_decoder=True, final_train_loss=last.get("train/loss"))
         info["train_images"] = len(datamodule.train_set)
