@@ -31,7 +31,7 @@ from torch import nn
 from .protocol import Protocol
 from .results import git_commit, now_iso, write_json_atomic
 from .teacher_kinds import adopt_mae_checkpoint, split_kind
-from .teachers import SIDECAR_SCHEMA, TeacherError, save_checkpoint_atomic, sha256_file, teacher_paths
+from .teachers import TeacherError, save_checkpoint_atomic, sha256_file, sidecar_identity, teacher_paths
 from .trainer import resolve_accelerator
 from .zoo import StateDictMismatchError, adopt_state_dict, create_model
 
@@ -176,19 +176,7 @@ def import_teacher(
     fingerprint = datamodule.fingerprint()
     digest = save_checkpoint_atomic({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, ckpt)
     info = {
-        "schema_version": SIDECAR_SCHEMA,
-        "arch": arch,
-        "protocol": protocol.name,
-        "protocol_version": protocol.version,
-        "teacher_key": protocol.teacher_key(arch, fingerprint),
-        "data_fingerprint": fingerprint,
-        "num_classes": num_classes,
-        "input": {
-            "size": protocol.input.size,
-            "channels": in_chans,
-            "mean": list(protocol.input.mean),
-            "std": list(protocol.input.std),
-        },
+        **sidecar_identity(protocol, arch, fingerprint, num_classes, in_chans),
         "sha256": digest,
         "top1": None if measured["top1"] is None else round(measured["top1"], 4),
         "top5": None if measured["top5"] is None else round(measured["top5"], 4),

@@ -131,6 +131,28 @@ def load_teacher(
     return model.eval(), info
 
 
+def sidecar_identity(
+    protocol: Protocol, arch: str, fingerprint: str, num_classes: int, channels: int
+) -> dict[str, Any]:
+    """The sidecar keys that say which teacher a checkpoint is (trained or imported): schema, arch, protocol,
+    teacher key, data fingerprint, classes and the input it expects."""
+    return {
+        "schema_version": SIDECAR_SCHEMA,
+        "arch": arch,
+        "protocol": protocol.name,
+        "protocol_version": protocol.version,
+        "teacher_key": protocol.teacher_key(arch, fingerprint),
+        "data_fingerprint": fingerprint,
+        "num_classes": num_classes,
+        "input": {
+            "size": protocol.input.size,
+            "channels": channels,
+            "mean": list(protocol.input.mean),
+            "std": list(protocol.input.std),
+        },
+    }
+
+
 def store_trained(
     protocol: Protocol,
     arch: str,
@@ -148,19 +170,7 @@ def store_trained(
     and write: identity (teacher key, data fingerprint, input), sha256, `metrics`, provenance."""
     digest = save_checkpoint_atomic({k: v.detach().cpu() for k, v in model.state_dict().items()}, ckpt)
     return {
-        "schema_version": SIDECAR_SCHEMA,
-        "arch": arch,
-        "protocol": protocol.name,
-        "protocol_version": protocol.version,
-        "teacher_key": protocol.teacher_key(arch, fingerprint),
-        "data_fingerprint": fingerprint,
-        "num_classes": num_classes,
-        "input": {
-            "size": protocol.input.size,
-            "channels": protocol.input.channels,
-            "mean": list(protocol.input.mean),
-            "std": list(protocol.input.std),
-        },
+        **sidecar_identity(protocol, arch, fingerprint, num_classes, protocol.input.channels),
         "sha256": digest,
         **metrics,
         "epochs": epochs,
