@@ -33,7 +33,7 @@ from torchvision.models.detection.roi_heads import fastrcnn_loss
 from .base import DistillModule, FrozenTeacher
 from .errors import MethodError
 from .kd import kd_loss
-from .nd import EmbProjector, class_means_path, load_class_means, nd_loss, save_class_means
+from .nd import EmbProjector, class_means_path, load_class_means, mean_by_label, nd_loss, save_class_means
 from .registry import Stage, StageContext, register
 
 #: RNG seed of the class-means pass's proposal sampling: the means are a property of the teacher
@@ -236,40 +236,34 @@ def detection_class_means(
     `batches` yields `(images, targets)`; `num_classes` = K foreground classes."""
     model = teacher.model if isinstance(teacher, FrozenTeacher) else teacher
     was_training = model.training
-    sums, counts = None, torch.zeros(num_classes + 1, dtype=torch.float64)
     model.eval()
     try:
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             device = next(model.parameters()).device
             roi = model.roi_heads
-            for images, targets in batches:
-                images = [im.to(device) for im in images]
-                targets = [{"boxes": t["boxes"].to(device), "labels": t["labels"].to(device)} for t in targets]
-                image_list, targets = model.transform(images, targets)
-                features = model.backbone(image_list.tensors)
-                proposals, _ = model.rpn(image_list, features)
-                proposals, _, labels, _ = roi.select_training_samples(proposals, targets)
-                emb = roi.box_head(roi.box_roi_pool(features, proposals, image_list.image_sizes)).double()
-                labels = torch.cat(labels)
-                if labels.numel() and (labels.min() < 0 or labels.max() > num_classes):
-                    raise MethodError(f"detection class means: labels outside 0..{num_classes}")
-                if sums is None:
-                    sums = torch.zeros(num_classes + 1, emb.shape[1], dtype=torch.float64, device=device)
-                    counts = counts.to(device)
-                sums.index_add_(0, labels, emb)
-                counts.index_add_(0, labels, torch.ones_like(labels, dtype=torch.float64))
+
+            def embeddings():
+                for images, targets in batches:
+                    images = [im.to(device) for im in images]
+                    targets = [{"boxes": t["boxes"].to(device), "labels": t["labels"].to(device)} for t in targets]
+                    image_list, targets = model.transform(images, targets)
+                    features = model.backbone(image_list.tensors)
+                    proposals, _ = model.rpn(image_list, features)
+                    proposals, _, labels, _ = roi.select_training_samples(proposals, targets)
+                    emb = roi.box_head(roi.box_roi_pool(features, proposals, image_list.image_sizes)).double()
+                    yield emb, torch.cat(labels)
+
+            means = mean_by_label(
+                embeddings(),
+                num_classes + 1,
+                what="detection class means",
+                item="sampled proposal",
+                hint=" (0 = background)",
+            )
     finally:
         model.train(was_training)
-    if sums is None:
-        raise MethodError("detection class means: the loader yielded no batch")
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(sums)
-        dist.all_reduce(counts)
-    empty = (counts == 0).nonzero().flatten().tolist()
-    if empty:
-        raise MethodError(f"detection class means: no sampled proposal of class(es) {empty[:10]} (0 = background)")
-    return (sums / counts[:, None]).float().cpu()
+    return means.float().cpu()
 
 
 def _class_means_metadata(ctx: StageContext) -> dict[str, str]:

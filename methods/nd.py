@@ -91,6 +91,33 @@ def _batches(dataloader: Iterable) -> Iterable[tuple[Tensor, Tensor]]:
             yield images, labels
 
 
+def mean_by_label(
+    batches: Iterable[tuple[Tensor, Tensor]], rows: int, *, what: str, item: str, hint: str = ""
+) -> Tensor:
+    """(rows, D) float64 mean of the embeddings per label over `(embeddings, labels)` batches: sums and
+    counts in float64, all-reduced when a process group is up; a label outside [0, rows), no batch at all or
+    a row without any embedding is an error naming `what` (and the missing `item`s)."""
+    sums: Tensor | None = None
+    counts = torch.zeros(rows, dtype=torch.float64)
+    for emb, labels in batches:
+        if sums is None:
+            sums = torch.zeros(rows, emb.shape[1], dtype=torch.float64, device=emb.device)
+            counts = counts.to(emb.device)
+        if labels.numel() and (labels.min() < 0 or labels.max() >= rows):
+            raise MethodError(f"{what}: labels outside [0, {rows}) in the training data")
+        sums.index_add_(0, labels, emb)
+        counts.index_add_(0, labels, torch.ones_like(labels, dtype=torch.float64))
+    if sums is None:
+        raise MethodError(f"{what}: the dataloader yielded no batch")
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(sums)
+        dist.all_reduce(counts)
+    empty = (counts == 0).nonzero().flatten().tolist()
+    if empty:
+        raise MethodError(f"{what}: no {item} of class(es) {empty[:10]}{hint}")
+    return sums / counts[:, None]
+
+
 def class_means(
     teacher: nn.Module | FrozenTeacher,
     dataloader: Iterable,
@@ -111,37 +138,24 @@ def class_means(
     num_classes = num_classes or getattr(model, "num_classes", None)
     if not num_classes:
         raise MethodError("class_means: pass num_classes (the teacher has no `num_classes` attribute)")
-    sums: Tensor | None = None
-    counts = torch.zeros(num_classes, dtype=torch.float64)
     model.eval()
     try:
         with torch.no_grad():
             param = next(iter(model.parameters()), None)
             device = param.device if param is not None else torch.device("cpu")
-            for images, labels in _batches(dataloader):
-                images, labels = images.to(device), labels.to(device).long()
-                emb = teacher.run(teacher_embedding, images) if frozen else teacher_embedding(model, images)
-                emb = emb.double()
-                if round_decimals is not None:
-                    emb = torch.round(emb, decimals=round_decimals)
-                if sums is None:
-                    sums = torch.zeros(num_classes, emb.shape[1], dtype=torch.float64, device=device)
-                    counts = counts.to(device)
-                if labels.min() < 0 or labels.max() >= num_classes:
-                    raise MethodError(f"class_means: labels outside [0, {num_classes}) in the training data")
-                sums.index_add_(0, labels, emb)
-                counts.index_add_(0, labels, torch.ones_like(labels, dtype=torch.float64))
+
+            def embeddings():
+                for images, labels in _batches(dataloader):
+                    images, labels = images.to(device), labels.to(device).long()
+                    emb = teacher.run(teacher_embedding, images) if frozen else teacher_embedding(model, images)
+                    emb = emb.double()
+                    yield (emb if round_decimals is None else torch.round(emb, decimals=round_decimals)), labels
+
+            means = mean_by_label(
+                embeddings(), num_classes, what="class_means", item="training image", hint="; every class needs one"
+            )
     finally:
         model.train(was_training)
-    if sums is None:
-        raise MethodError("class_means: the dataloader yielded no batch")
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(sums)
-        dist.all_reduce(counts)
-    empty = (counts == 0).nonzero().flatten().tolist()
-    if empty:
-        raise MethodError(f"class_means: no training image of class(es) {empty[:10]}; every class needs one")
-    means = sums / counts[:, None]
     if round_decimals is not None:
         means = torch.round(means, decimals=round_decimals)
     return means.float().cpu()
