@@ -16,8 +16,8 @@ The registered method `hybrid` has two stages, following DMAE's structure: `dist
 the student on progressively masked inputs, the relation term against T_m — the pair's teacher, e.g.
 `mae_vit_tiny_p2_8.mae` — and the feature term against T_c, the extra teacher named by the hyper-parameter
 `tc`, e.g. `mae_vit_tiny_p2_8.vit` or `deit_base_patch16_224`), then the shared MAE fine-tuner. The distill
-stage's run-record entry holds the per-layer average attention distance of the distilled student and of both
-teachers (`stages.distill.attention_distance`).
+stage's run-record entry holds the per-layer average attention distance and attention NMI of the distilled
+student and of both teachers (`stages.distill.attention_distance`, `stages.distill.attention_nmi`).
 
 Hyper-parameters (distillbench definition, hybrid.md §2 defaults): `tc` (T_c's arch), `alpha` / `beta`
 (feature / relation weights; 0 drops a term and its teacher pass: the feature-only and relation-only arms),
@@ -59,6 +59,8 @@ __all__ = [
     "HybridDistillStage",
     "attention_distance",
     "attention_logits",
+    "attention_nmi",
+    "attention_profile",
     "cls_attention",
     "feature_loss",
     "keep_indices",
@@ -177,6 +179,20 @@ def submatrix(logits: Tensor, keep: Tensor) -> Tensor:
     return rows.gather(3, idx.view(b, 1, 1, n).expand(b, h, n, n))
 
 
+def patch_attention(attn: Tensor, grid: int | tuple[int, int], renormalize: bool) -> tuple[Tensor, tuple[int, int]]:
+    """`attn` (B, H, N, N) restricted to the patches of a grid, N = L or 1 + L: a leading CLS row/column is
+    dropped and, with `renormalize`, each row re-normalised over the patches; also returns (gh, gw)."""
+    gh, gw = (grid, grid) if isinstance(grid, int) else grid
+    num = gh * gw
+    if attn.shape[-1] == num + 1:
+        attn = attn[..., 1:, 1:]
+        if renormalize:
+            attn = attn / attn.sum(dim=-1, keepdim=True).clamp_min(1e-12)
+    elif attn.shape[-1] != num:
+        raise MethodError(f"attention over {attn.shape[-1]} tokens does not fit a {gh}×{gw} grid (+ CLS)")
+    return attn, (gh, gw)
+
+
 def attention_distance(attn: Tensor, grid: int | tuple[int, int], renormalize: bool = True) -> Tensor:
     """Average attention distance per head, in patch units (distillbench definition of the paper's
     diversity metric; Dosovitskiy et al. 2021, Fig. 7):
@@ -186,18 +202,33 @@ def attention_distance(attn: Tensor, grid: int | tuple[int, int], renormalize: b
     over patch queries i and patch keys j; `attn` (B, H, N, N) holds probabilities, N = L or 1 + L (a
     leading CLS row/column is dropped and, with `renormalize`, each row re-normalised over the patches).
     """
-    gh, gw = (grid, grid) if isinstance(grid, int) else grid
-    num = gh * gw
-    if attn.shape[-1] == num + 1:
-        attn = attn[..., 1:, 1:]
-        if renormalize:
-            attn = attn / attn.sum(dim=-1, keepdim=True).clamp_min(1e-12)
-    elif attn.shape[-1] != num:
-        raise MethodError(f"attention over {attn.shape[-1]} tokens does not fit a {gh}×{gw} grid (+ CLS)")
+    attn, (gh, gw) = patch_attention(attn, grid, renormalize)
     ys, xs = torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing="ij")
     pos = torch.stack([ys.flatten(), xs.flatten()], dim=-1).to(attn.device, torch.float32)
     dist = torch.cdist(pos, pos)  # (L, L)
     return (attn.float() * dist).sum(dim=-1).mean(dim=(0, 2))
+
+
+def attention_nmi(attn: Tensor, grid: int | tuple[int, int], renormalize: bool = True) -> Tensor:
+    """Normalised mutual information between query and key position per head (distillbench definition of the
+    paper's attention-collapse metric, after Park et al. 2023): with queries uniform, p(q) = 1/L, the joint
+    p(q, k) = a_{qk}/L and the key marginal p(k) = Σ_q p(q, k),
+
+        NMI_h = mean_b  I(Q; K) / √(H(Q)·H(K)),   I(Q; K) = Σ_{q,k} p(q, k) · ln(p(q, k) / (p(q)·p(k)))
+
+    over the patches (a CLS row/column is dropped as in `attention_distance`). 1 when every query attends to
+    itself alone, 0 when all queries share one attention map (collapse); computed in float64.
+    """
+    attn, (gh, gw) = patch_attention(attn, grid, renormalize)
+    num = gh * gw
+    joint = attn.double() / num  # (B, H, L, L)
+    keys = joint.sum(dim=-2)  # (B, H, L)
+    h_joint = -torch.special.xlogy(joint, joint).sum(dim=(-2, -1))
+    h_keys = -torch.special.xlogy(keys, keys).sum(dim=-1)
+    h_queries = math.log(num)
+    mutual = h_queries + h_keys - h_joint  # I(Q; K) = H(Q) + H(K) − H(Q, K)
+    nmi = mutual / (h_queries * h_keys).sqrt().clamp_min(1e-300)
+    return nmi.mean(dim=0).float()
 
 
 def paired_block(index: int, student_depth: int, teacher_depth: int) -> int:
@@ -300,17 +331,24 @@ def tokens_and_qkv(model: nn.Module, x: Tensor, blocks: Sequence[int]) -> tuple[
 
 
 @torch.no_grad()
-def attention_distances(model: nn.Module, x: Tensor) -> list[float]:
-    """Average attention distance (patch units) of every block of `model` on images `x`, mean over heads."""
+def attention_profile(model: nn.Module, x: Tensor) -> dict[str, list[float]]:
+    """Per block of `model` on images `x`, mean over heads: the average attention distance (patch units) and
+    the attention NMI — the paper's diversity and collapse diagnostics."""
     grid = tuple(model.patch_embed.grid_size)
     blocks = range(len(model.blocks))
     _, seen = tokens_and_qkv(model, x, blocks)
-    out = []
+    out: dict[str, list[float]] = {"distance": [], "nmi": []}
     for i in blocks:
         attn = _attention(model, i, "model")
         probs = attention_logits(seen[i], attn.num_heads, attn.scale).softmax(dim=-1)
-        out.append(round(float(attention_distance(probs, grid).mean()), 4))
+        out["distance"].append(round(float(attention_distance(probs, grid).mean()), 4))
+        out["nmi"].append(round(float(attention_nmi(probs, grid).mean()), 4))
     return out
+
+
+def attention_distances(model: nn.Module, x: Tensor) -> list[float]:
+    """Average attention distance (patch units) of every block of `model` on images `x`, mean over heads."""
+    return attention_profile(model, x)["distance"]
 
 
 class HybridDistillStage(DistillModule):
@@ -488,22 +526,22 @@ class HybridDistillStage(DistillModule):
             self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm="norm")
 
     @torch.no_grad()
-    def attention_report(self, images: Tensor) -> dict[str, Any]:
-        """Per-block average attention distance (patch units, mean over heads) of the student and of the
-        teachers it has, on whole `images` — the paper's diversity diagnostic."""
+    def attention_report(self, images: Tensor) -> dict[str, dict[str, Any]]:
+        """Per-block attention distance and attention NMI (mean over heads) of the student and of the teachers
+        it has, on whole `images`: {"distance": {"images", "student", "tm", "tc"}, "nmi": {...}}."""
         was_training = self.student.training
         self.student.eval()
         device = next(self.student.parameters()).device
-        report: dict[str, Any] = {
-            "images": int(images.shape[0]),
-            "student": attention_distances(self.student, images.to(device)),
-        }
+        profiles = {"student": attention_profile(self.student, images.to(device))}
         self.student.train(was_training)
         for name, frozen in (("tm", self.teacher), ("tc", self.tc)):
             if frozen is not None:
                 tdevice = next(frozen.model.parameters()).device
-                report[name] = frozen.run(lambda m, v: attention_distances(m, v), images.to(tdevice))
-        return report
+                profiles[name] = frozen.run(lambda m, v: attention_profile(m, v), images.to(tdevice))
+        return {
+            metric: {"images": int(images.shape[0]), **{name: p[metric] for name, p in profiles.items()}}
+            for metric in ("distance", "nmi")
+        }
 
 
 def validation_images(datamodule, limit: int) -> Tensor:
@@ -545,7 +583,8 @@ def run_distill(ctx: StageContext) -> dict[str, Any]:
         record["final_train"] = {k: v for k, v in history[-1].items() if k.startswith("train/")}
     n = int(hp["attention_images"])
     if n > 0:
-        record["attention_distance"] = module.attention_report(validation_images(ctx.datamodule, n))
+        report = module.attention_report(validation_images(ctx.datamodule, n))
+        record["attention_distance"], record["attention_nmi"] = report["distance"], report["nmi"]
     return {"encoder": str(encoder), "record": record}
 
 

@@ -13,6 +13,7 @@ from distillbench.methods.g2sd import DistTokenViT, generic_loss, nkd_loss, spec
 from distillbench.methods.hybrid import (
     attention_distance,
     attention_logits,
+    attention_nmi,
     cls_attention,
     feature_loss,
     keep_indices,
@@ -213,3 +214,25 @@ def test_attention_distance():
     assert attention_distance(with_cls, 2).item() == pytest.approx((2 + math.sqrt(2)) / 4, abs=1e-6)
     with pytest.raises(MethodError, match="grid"):
         attention_distance(torch.zeros(1, 1, 6, 6), 2)
+
+
+def test_attention_nmi():
+    # a 1×2 grid, queries uniform: attention [[1, 0], [0.5, 0.5]] gives the joint [[.5, 0], [.25, .25]] and the
+    # key marginal [.75, .25]; I = .5·ln(4/3) + .25·ln(2/3) + .25·ln 2, H(Q) = ln 2, H(K) = H(.75, .25)
+    mutual = 0.5 * math.log(4 / 3) + 0.25 * math.log(2 / 3) + 0.25 * math.log(2)
+    h_keys = -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))
+    attn = torch.tensor([[1.0, 0.0], [0.5, 0.5]]).view(1, 1, 2, 2)
+    assert attention_nmi(attn, (1, 2)).item() == pytest.approx(mutual / math.sqrt(math.log(2) * h_keys), abs=1e-6)
+    assert attention_nmi(attn, (1, 2)).item() == pytest.approx(0.3455920, abs=1e-6)
+    # each query on itself alone: 1; every query with the same map (collapse): 0; per head, mean over batch
+    eye, shared = torch.eye(4).view(1, 1, 4, 4), torch.tensor([0.7, 0.1, 0.1, 0.1]).expand(1, 1, 4, 4)
+    assert attention_nmi(torch.cat([eye, shared], dim=1), 2).tolist() == pytest.approx([1.0, 0.0], abs=1e-6)
+    batch = torch.cat([eye, shared], dim=0)  # (2, 1, 4, 4): the two samples average
+    assert attention_nmi(batch, 2).item() == pytest.approx(0.5, abs=1e-6)
+    # the CLS row/column is dropped and rows renormalised, as in attention_distance
+    with_cls = torch.zeros(1, 1, 5, 5)
+    with_cls[..., 1:, 1:] = eye * 0.5
+    with_cls[..., :, 0] = 0.5
+    assert attention_nmi(with_cls, 2).item() == pytest.approx(1.0, abs=1e-6)
+    with pytest.raises(MethodError, match="grid"):
+        attention_nmi(torch.zeros(1, 1, 6, 6), 2)

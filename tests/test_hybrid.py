@@ -15,6 +15,7 @@ from distillbench.methods.errors import MethodError
 from distillbench.methods.hybrid import (
     HybridDistillStage,
     attention_distances,
+    attention_profile,
     cls_attention,
     feature_loss,
     keep_indices,
@@ -177,9 +178,13 @@ def test_schedule_follows_the_epoch_and_attention_report():
     module = HybridDistillStage(student, tm, tc=tc, num_classes=10, hparams={}, epochs=3)
     assert module.mask_ratio() == 0.0  # epoch 0 of 3 (no trainer: epoch 0)
     report = module.attention_report(_batch(5)["image"])
-    assert report["images"] == 5 and len(report["student"]) == 4 and len(report["tm"]) == len(report["tc"]) == 6
-    assert report["student"] == attention_distances(student, _batch(5)["image"])
-    assert all(0 <= d <= 3 * 2**0.5 for d in report["student"])  # at most the 4×4 grid's diagonal
+    distance, nmi = report["distance"], report["nmi"]
+    assert distance["images"] == nmi["images"] == 5 and len(distance["student"]) == len(nmi["student"]) == 4
+    assert len(distance["tm"]) == len(distance["tc"]) == len(nmi["tm"]) == len(nmi["tc"]) == 6
+    assert distance["student"] == attention_distances(student, _batch(5)["image"])
+    assert nmi["student"] == attention_profile(student, _batch(5)["image"])["nmi"]
+    assert all(0 <= d <= 3 * 2**0.5 for d in distance["student"])  # at most the 4×4 grid's diagonal
+    assert all(0 <= v <= 1 for v in nmi["student"] + nmi["tm"] + nmi["tc"])
 
 
 def test_extra_teacher_is_hashed_and_trained_by_make_teachers():
@@ -247,6 +252,7 @@ def test_hybrid_end_to_end_on_tiny_digits(tmp_path):
     assert stage["mask_ratio_per_epoch"] == [0.0, 0.25, 0.5] and stage["layers"] == [0, 1, 2]
     assert stage["teacher_blocks"] == [1, 2, 4]
     assert [len(stage["attention_distance"][k]) for k in ("student", "tm", "tc")] == [4, 6, 6]
+    assert [len(stage["attention_nmi"][k]) for k in ("student", "tm", "tc")] == [4, 6, 6]
     assert {"train/feat", "train/rel"} <= set(stage["final_train"])
     protocol = load_protocol(path)
     pair = protocol.pair("mae_vit_tiny_p2_8.mae__mae_vit_micro_p2_8")
