@@ -20,11 +20,11 @@ import resource
 import statistics
 import sys
 import time
-from collections.abc import Callable, Mapping
+import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -69,11 +69,17 @@ def flop_analysis(model: nn.Module, example: Tensor):
     return analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
 
 
-def count_flops(model: nn.Module, input_shape: tuple[int, ...]) -> int | None:
-    """fvcore FLOPs (with the attention handler) for one image of shape (C, H, W); None if tracing fails."""
+def count_flops(model: nn.Module, input_shape: tuple[int, ...], *, detector: bool = False) -> int | None:
+    """fvcore FLOPs (with the attention handler) for one image of shape (C, H, W); None if tracing fails.
+
+    A `detector` (torchvision's list-of-images interface) is traced in eval mode on one blank image, so its
+    box head counts the proposals that image yields (as detection FLOP tables do)."""
     model = copy.deepcopy(model).cpu().float().eval()
+    example = [torch.zeros(*input_shape)] if detector else torch.zeros(1, *input_shape)
     try:
-        return int(flop_analysis(model, torch.zeros(1, *input_shape)).total())
+        with warnings.catch_warnings():  # tracing warns about shape-dependent Python code (detectors do)
+            warnings.simplefilter("ignore")
+            return int(flop_analysis(model, example).total())
     except Exception:
         return None
 
@@ -113,17 +119,17 @@ def _time_steps(step: Callable[[], None], device: torch.device, steps: int, warm
     return (time.perf_counter() - start) / steps
 
 
-def overhead_ratio(module, batch: Mapping[str, Tensor], steps: int = 8, rounds: int = 3) -> dict[str, float]:
-    """Step time of `module.losses` + backward + SGD step over the student-only CE step, same batch.
+def overhead_ratio(module, batch: Any, steps: int = 8, rounds: int = 3) -> dict[str, float]:
+    """Step time of `module.losses` + backward + SGD step over the student-only step
+    (`module.reference_loss`: CE for a classifier, the detector's own losses for a detector), same batch.
 
     The two are timed in alternating rounds and compared by their medians, so a background load
     affects both alike. The module's weights and BN statistics are restored afterwards; the SGD has lr 0.
     """
     state = copy.deepcopy(module.state_dict())
-    device = batch["image"].device
+    device = next(module.student.parameters()).device
     params = [p for p in module.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=0.0)
-    student = module.student
 
     def method_step() -> None:
         opt.zero_grad(set_to_none=True)
@@ -132,11 +138,7 @@ def overhead_ratio(module, batch: Mapping[str, Tensor], steps: int = 8, rounds: 
 
     def vanilla_step() -> None:
         opt.zero_grad(set_to_none=True)
-        # unlabelled (web-pool) batches carry label −1: any class times the same step; a student that trains
-        # with several heads (G2SD's distillation token: (class, dist) logits) is timed on its class head
-        out = student(batch["image"])
-        logits = out[0] if isinstance(out, tuple | list) else out
-        F.cross_entropy(logits, batch["label"].clamp_min(0)).backward()
+        module.reference_loss(batch).backward()
         opt.step()
 
     was_training = module.training

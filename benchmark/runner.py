@@ -20,6 +20,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import move_data_to_device
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from ..datasets import create_datamodule, get_datamodule_class
@@ -169,6 +170,10 @@ def resolve(request: RunRequest) -> ResolvedRun:
             f"{resolve_accelerator(request.accelerator)} device(s) are available"
         )
     get_datamodule_class(protocol.dataset.name)
+    if protocol.task == "detection":
+        from .detection import check_request
+
+        check_request(request)
     extra_teachers = spec.extra_teachers(hparams) if spec.needs_teacher else {}
     roles = {"student": pair.student, **({"teacher": pair.teacher} if spec.needs_teacher else {})}
     roles.update({f"teacher {key!r}": arch for key, arch in extra_teachers.items()})
@@ -211,10 +216,6 @@ def _store_protocol(request: RunRequest, spec, protocol: Protocol, changes: dict
 def run(request: RunRequest, say=print) -> dict[str, Any]:
     """Run one seed and return its record (also written to disk on rank 0)."""
     r = resolve(request)
-    if r.protocol.task == "detection":  # its own loop, data and metrics (benchmark/detection.py)
-        from .detection import run_detection
-
-        return run_detection(r, say)
     # torchrun sets RANK/LOCAL_RANK, Lightning's own launcher LOCAL_RANK/NODE_RANK, srun SLURM_PROCID
     is_worker = any(os.environ.get(v, "0") != "0" for v in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))
     prior, ckpt_path, ckpt_info = None, None, {}
@@ -252,7 +253,7 @@ def run(request: RunRequest, say=print) -> dict[str, Any]:
     teacher, teacher_info = _build_teacher(r, datamodule, say) if r.spec.needs_teacher else (None, None)
     extra = {key: _build_teacher(r, datamodule, say, arch) for key, arch in r.extra_teachers.items()}
     L.seed_everything(seed, workers=True, verbose=False)  # after any teacher training: same init either way
-    student = create_model(pair.student, num_classes=num_classes, in_chans=protocol.input.channels)
+    student = build_model(protocol, pair.student, num_classes)
     record = _new_record(r, run_id, teacher_info, student)
     if extra:
         record["extra_teachers"] = {key: summary for key, (_, summary) in extra.items()}
@@ -330,8 +331,8 @@ def run(request: RunRequest, say=print) -> dict[str, Any]:
     if uses_store(request, r.spec):
         context.soft_labels = soft_label_source(context, r, teacher, say)
     input_shape = (protocol.input.channels, protocol.input.size, protocol.input.size)
-    context.build_model = lambda name: create_model(name, num_classes=num_classes, in_chans=protocol.input.channels)
-    context.count_flops = lambda model: cost.count_flops(model, input_shape)
+    context.build_model = lambda name: build_model(protocol, name, num_classes)
+    context.count_flops = lambda model: model_flops(protocol, model)
     context.make_trainer = stage_trainer_factory(request, seed)
     start = time.perf_counter()
     module = None
@@ -381,9 +382,7 @@ def run(request: RunRequest, say=print) -> dict[str, Any]:
     finally:
         record["train_time_s"] = round(previous_time + time.perf_counter() - start, 2)
         try:
-            _finish_record(
-                record, trainer, history, throughput, module, datamodule, student, input_shape, loggers, request, r, say
-            )
+            _finish_record(record, trainer, history, throughput, module, datamodule, student, loggers, request, r, say)
         except Exception as exc:  # never lose the record over a cost measurement
             record.setdefault("warnings", []).append(f"finishing the record failed: {type(exc).__name__}: {exc}")
             if trainer.is_global_zero:
@@ -512,9 +511,25 @@ def _build_teacher(r: ResolvedRun, datamodule, say, arch: str | None = None) -> 
         "top1": info.get("top1"),
         "top5": info.get("top5"),
         "params": cost.count_params(model),
-        "flops": cost.count_flops(model, (protocol.input.channels, protocol.input.size, protocol.input.size)),
+        "flops": model_flops(protocol, model),
     }
+    if protocol.task == "detection":
+        summary["AP"] = info.get("AP")
     return teacher, summary
+
+
+def build_model(protocol: Protocol, arch: str, num_classes: int):
+    """A student (or stage) model of the protocol's task: a classifier on the input's channels, or a
+    detector for the input's image size."""
+    if protocol.task == "detection":
+        return create_model(arch, num_classes=num_classes, image_size=protocol.input.size)
+    return create_model(arch, num_classes=num_classes, in_chans=protocol.input.channels)
+
+
+def model_flops(protocol: Protocol, model) -> int | None:
+    """fvcore FLOPs of `model` for one image of the protocol's input."""
+    shape = (protocol.input.channels, protocol.input.size, protocol.input.size)
+    return cost.count_flops(model, shape, detector=protocol.task == "detection")
 
 
 def _new_record(r: ResolvedRun, run_id: str, teacher_info: dict | None, student) -> dict[str, Any]:
@@ -560,6 +575,7 @@ def _new_record(r: ResolvedRun, run_id: str, teacher_info: dict | None, student)
         "pid": os.getpid(),
         "host": platform.node(),
         "error": None,
+        **({"task": "detection", "eval_split": "val2017"} if protocol.task == "detection" else {}),
     }
 
 
@@ -581,7 +597,6 @@ def _finish_record(
     module,
     datamodule,
     student,
-    input_shape,
     loggers,
     request: RunRequest,
     r: ResolvedRun,
@@ -593,24 +608,25 @@ def _finish_record(
     record.update(throughput.summary())
     record["finished_at"] = now_iso()
     record["peak_mem_mb"] = cost.peak_memory_mb(trainer.strategy.root_device)
-    if history.history:
-        last = history.history[-1]
-        record["metrics"] = _split_metrics(last, "test")
-        record["val_metrics"] = _split_metrics(last, "val")
-        best = max(history.history, key=lambda row: row.get("test/top1", -1))
+    rows = history.history
+    if rows:
+        primary = "AP" if r.protocol.task == "detection" else "top1"
+        record["metrics"] = _split_metrics(rows[-1], "test")
+        record["val_metrics"] = _split_metrics(rows[-1], "val")
+        best = max(rows, key=lambda row: row.get(f"test/{primary}", -1))
         record["best_epoch_metrics"] = {"epoch": best["epoch"], **_split_metrics(best, "test")}
-        chosen = max(history.history, key=lambda row: row.get("val/top1", -1))
-        record["val_selected_metrics"] = {"epoch": chosen["epoch"], **_split_metrics(chosen, "test")}
+        if any(f"val/{primary}" in row for row in rows):  # detection evaluates val2017 alone: no selection
+            chosen = max(rows, key=lambda row: row.get(f"val/{primary}", -1))
+            record["val_selected_metrics"] = {"epoch": chosen["epoch"], **_split_metrics(chosen, "test")}
     if record["status"] == "finished":
         deployed = module.deployed_model() if module is not None else student
         if deployed is not student:  # e.g. KD³'s student runs through a projector and the teacher's classifier
             record["student"].update(params=cost.count_params(deployed), deployed=type(deployed).__name__)
-        record["student"]["flops"] = cost.count_flops(deployed, input_shape)
+        record["student"]["flops"] = model_flops(r.protocol, deployed)
         if module is not None and module.is_reference_student:
             record["overhead_vs_student"] = 1.0
         elif request.measure_overhead and module is not None:
-            batch = next(iter(datamodule.train_dataloader()))
-            batch = {k: v.to(trainer.strategy.root_device) for k, v in batch.items()}
+            batch = move_data_to_device(next(iter(datamodule.train_dataloader())), trainer.strategy.root_device)
             record.update(cost.overhead_ratio(module, batch))
     wandb_logger = next((lg for lg in loggers if type(lg).__name__ == "WandbLogger"), None)
     if wandb_logger is not None:

@@ -215,6 +215,15 @@ class DistillModule(L.LightningModule):
         """What is deployed after distillation (its params/FLOPs go in the record): the student by default."""
         return self.student
 
+    def reference_loss(self, batch: Mapping[str, Tensor]) -> Tensor:
+        """The student-only training loss on `batch`, the step the cost overhead ratio times a method against:
+        CE on the student's logits. Unlabelled (web-pool) batches carry label −1, and any class times the same
+        step; a student with several heads (G2SD's distillation token: (class, dist) logits) is timed on its
+        class head."""
+        out = self.student(batch["image"])
+        logits = out[0] if isinstance(out, tuple | list) else out
+        return F.cross_entropy(logits, batch["label"].clamp_min(0))
+
     def adapter_parameters(self) -> list[nn.Parameter]:
         student_ids = {id(p) for p in self.student.parameters()}
         return [p for p in self.parameters() if id(p) not in student_ids]

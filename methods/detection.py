@@ -189,6 +189,10 @@ class DetectionDistillModule(DistillModule):
         for name, value in metrics.items():
             self.log(f"test/{name}", 100.0 * value, prog_bar=(name == "AP"), sync_dist=False)
 
+    def reference_loss(self, batch) -> Tensor:
+        """The detector's own four losses (the vanilla student's step), for the cost overhead ratio."""
+        return sum(self.student_pass(batch).losses.values())
+
     def student_pass(self, batch) -> RoiPass:
         images, targets = batch
         return student_roi_pass(self.student, images, targets)

@@ -55,8 +55,11 @@ def test_detection_runs_end_to_end_and_render(tmp_path, monkeypatch):
     monkeypatch.setenv("DATA_ROOT", str(tmp_path / "data"))
     protocol = write_protocol(tmp_path / "tinyshapes.yaml", TINY_SHAPES)
     common = {"protocol": str(protocol), "teachers": str(tmp_path / "teachers"), "results": str(tmp_path / "results")}
-    common.update(progress=False, wandb=False, measure_overhead=False)
-    records = {m: run(RunRequest(method=m, **common), say=lambda *_: None) for m in ("vanilla", "kd", "kd++")}
+    common.update(progress=False, wandb=False)
+    records = {
+        m: run(RunRequest(method=m, measure_overhead=m == "kd++", **common), say=lambda *_: None)
+        for m in ("vanilla", "kd", "kd++")
+    }
     for method, record in records.items():
         assert record["status"] == "finished", record.get("error")
         assert record["task"] == "detection"
@@ -66,6 +69,12 @@ def test_detection_runs_end_to_end_and_render(tmp_path, monkeypatch):
         (file,) = path.rglob("seed0.json")
         assert load_record(file)[1] == []  # a valid finished record
     kd, kdpp = records["kd"], records["kd++"]
+    # cost columns as for classification: fvcore FLOPs of the detectors, the step-time overhead over the
+    # detector's own losses (the vanilla student is the reference: 1.0)
+    assert all(r["student"]["flops"] > 0 for r in records.values()) and kd["teacher"]["flops"] > 0
+    assert records["vanilla"]["overhead_vs_student"] == 1.0 and kd["overhead_vs_student"] is None  # not measured
+    assert kdpp["overhead_vs_student"] > 0 and kdpp["method_step_ms"] > 0 and kdpp["student_step_ms"] > 0
+    assert kdpp["adapter_params"] == 0 and kdpp["adapter_flops"] == 0  # equal box-head widths: no projector
     assert kd["teacher"]["checkpoint_sha256"] == kdpp["teacher"]["checkpoint_sha256"]  # trained once, reused
     assert "AP" in kd["teacher"] and kd["hparams"] == {"temperature": 1.0, "kd_weight": 1.0}
     assert "class_means" in kdpp["stage_time_s"]
