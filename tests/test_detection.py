@@ -83,6 +83,23 @@ def test_detectors_are_built_by_name_with_k_plus_one_outputs():
         create_model(TINY, num_classes=3, in_chans=1)
 
 
+@pytest.mark.parametrize("backbone", ["resnet18", "mobilenet_v3_small", "mobilenet_v3_large"])
+def test_tiny_detectors_see_small_objects_from_stride_4(backbone):
+    # a 64 px image: FPN maps at strides 4, 8, 16, 32 (+ pool), anchors from 8 px, whatever the backbone
+    model = create_model(f"fasterrcnn_{backbone}_fpn_tiny", num_classes=3, image_size=64).eval()
+    with torch.no_grad():
+        maps = model.backbone(torch.zeros(1, 3, 64, 64))
+    assert [tuple(m.shape[-2:]) for m in maps.values()] == [(16, 16), (8, 8), (4, 4), (2, 2), (1, 1)]
+    assert [s[0] for s in model.rpn.anchor_generator.sizes] == [8, 16, 32, 64, 128]
+
+
+def test_full_mobilenet_detector_keeps_torchvisions_two_taps():
+    model = create_model("fasterrcnn_mobilenet_v3_large_fpn", num_classes=80).eval()
+    with torch.no_grad():
+        maps = model.backbone(torch.zeros(1, 3, 320, 320))
+    assert [tuple(m.shape[-2:]) for m in maps.values()] == [(10, 10), (10, 10), (5, 5)]
+
+
 def test_detection_methods_are_registered_beside_classification_ones():
     assert get_method("kd", task="detection").module_cls is DetectionKD
     assert get_method("kd++", task="detection").module_cls is DetectionKDND

@@ -11,7 +11,10 @@ Full-size detectors (the `coco` protocol, ND's Detectron2 pairs): `fasterrcnn_re
 (students): 256-channel FPN, two-FC 1024-d box head, anchors 32–512.
 Tiny detectors (the CPU `shapes` protocol, 64–128 px images): `_tiny` suffix — 64-channel FPN, 256-d box
 head, anchors 8–128, 64 sampled RoIs per image and fewer RPN proposals (300/150 before/after NMS in
-training); the same code path.
+training); a MobileNetV3 backbone feeds the FPN from four resolutions (strides 4–32, the last block of each,
+like a ResNet's layer1–4) instead of torchvision's two stride-32 taps, which leave a 64 px image a 2×2 map and
+anchors of 32 px and more for 5–32 px objects (the `shapes` student stayed below 2 AP that way); the same
+code path.
 
 `set_input_size(model, size)` fixes the detector's resize to the protocol's image size (the transform holds
 no weights, so a stored checkpoint loads whatever the size).
@@ -32,7 +35,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 FULL = {"fpn_channels": 256, "representation_size": 1024, "anchor_sizes": (32, 64, 128, 256, 512), "box_rois": 512}
 TINY = {"fpn_channels": 64, "representation_size": 256, "anchor_sizes": (8, 16, 32, 64, 128), "box_rois": 64}
-TINY.update(rpn_proposals=(300, 150, 150, 100))
+TINY.update(rpn_proposals=(300, 150, 150, 100), mobilenet_fpn_levels=4)
 RESNETS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048}
 MOBILENETS = ("mobilenet_v3_large", "mobilenet_v3_small")
 
@@ -58,18 +61,31 @@ def _resnet_body(name: str, pretrained: bool, trainable_layers: int, fpn_channel
     return BackboneWithFPN(body, return_layers, in_channels, fpn_channels, extra_blocks=LastLevelMaxPool())
 
 
-def _mobilenet_body(name: str, pretrained: bool, trainable_layers: int, fpn_channels: int) -> BackboneWithFPN:
+def _mobilenet_body(
+    name: str, pretrained: bool, trainable_layers: int, fpn_channels: int, fpn_levels: int
+) -> BackboneWithFPN:
     norm = misc.FrozenBatchNorm2d if pretrained else nn.BatchNorm2d
     features = getattr(torchvision.models, name)(weights=_weights(name, pretrained), norm_layer=norm).features
-    # strided blocks (torchvision marks them `_is_cn`); the FPN takes the last two stages, as torchvision does
+    # strided blocks (torchvision marks them `_is_cn`)
     stages = [0] + [i for i, b in enumerate(features) if getattr(b, "_is_cn", False)] + [len(features) - 1]
     freeze_before = len(features) if trainable_layers == 0 else stages[max(len(stages) - trainable_layers, 0)]
     for block in features[:freeze_before]:
         block.requires_grad_(False)
-    returned = [len(stages) - 2, len(stages) - 1]
-    return_layers = {str(stages[k]): str(v) for v, k in enumerate(returned)}
-    in_channels = [features[stages[k]].out_channels for k in returned]
+    if fpn_levels == 2:  # torchvision's choice: the last two stage indices (both at stride 32)
+        taps = [stages[-2], stages[-1]]
+    else:  # the last block of each of the last `fpn_levels` resolutions (strides 4–32 for 4), like ResNet's layer1–4
+        ends = [i - 1 for i in stages[2:-1]] + [len(features) - 1]
+        taps = ends[-fpn_levels:]
+    return_layers = {str(k): str(v) for v, k in enumerate(taps)}
+    in_channels = [_out_channels(features[k]) for k in taps]
     return BackboneWithFPN(features, return_layers, in_channels, fpn_channels, extra_blocks=LastLevelMaxPool())
+
+
+def _out_channels(block: nn.Module) -> int:
+    if hasattr(block, "out_channels"):
+        return int(block.out_channels)
+    convs = [m for m in block.modules() if isinstance(m, nn.Conv2d)]
+    return int(convs[-1].out_channels)
 
 
 def faster_rcnn(
@@ -85,6 +101,7 @@ def faster_rcnn(
     pretrained_backbone: bool = False,
     trainable_layers: int | None = None,
     image_size: int = 800,
+    mobilenet_fpn_levels: int = 2,
 ) -> FasterRCNN:
     """A Faster R-CNN FPN with K = `num_classes` foreground classes (+ background). `rpn_proposals`: RPN
     proposals kept (pre-NMS train, post-NMS train, pre-NMS test, post-NMS test), torchvision's defaults."""
@@ -97,7 +114,7 @@ def faster_rcnn(
         body = _resnet_body(backbone, pretrained_backbone, trainable, fpn_channels)
     elif backbone in MOBILENETS:
         trainable = 6 if trainable_layers is None else trainable_layers
-        body = _mobilenet_body(backbone, pretrained_backbone, trainable, fpn_channels)
+        body = _mobilenet_body(backbone, pretrained_backbone, trainable, fpn_channels, mobilenet_fpn_levels)
     else:
         raise ValueError(f"unknown detector backbone {backbone!r}; valid: {', '.join([*RESNETS, *MOBILENETS])}")
     levels = len(body.fpn.inner_blocks) + 1  # + LastLevelMaxPool
