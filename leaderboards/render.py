@@ -175,6 +175,7 @@ DETECTION_DISPLAY = (
     *((name, name, lambda r, n=name: _num(_mean(r.extra.get(n, []))) or "—") for name in DETECTION_METRICS),
     ("best", "best-epoch AP", lambda r: _num(_mean(r.best_top1)) or "—"),
     ("params", "params", lambda r: _si(r.student_params)),
+    ("flops", "FLOPs", lambda r: _si(r.student_flops)),
     ("adapter", "adapter params", lambda r: _si(r.adapter_params)),
     ("imgs", "img/s", lambda r: _num(r.throughput_img_s, 0) or "—"),
     ("overhead", "overhead ×", lambda r: _num(r.overhead_vs_student) or "—"),
@@ -200,7 +201,7 @@ def teacher_text(rows: list[Row]) -> str:
     top1 = sorted({t for r in distilled for t in r.teacher_top1})
     sha = sorted({s for r in distilled for s in r.teacher_sha256})
     what = "AP" if distilled[0].is_detection else "top-1"
-    return f"teacher {what} {', '.join(f'{t:.2f}' for t in top1)} % (checkpoint sha256 {', '.join(sha)})"
+    return f"Teacher {what} {', '.join(f'{t:.2f}' for t in top1)} % (checkpoint sha256 {', '.join(sha)})"
 
 
 def _best(rows: list[Row]) -> float:
@@ -232,7 +233,7 @@ def to_markdown(board: Leaderboard, command: str = "") -> str:
     for _, rows in board.cells():
         lines += [f"## {cell_title(rows)}", ""]
         if teacher_text(rows):
-            lines += [teacher_text(rows).capitalize() + ".", ""]
+            lines += [teacher_text(rows) + ".", ""]
         display = display_for(rows)
         lines.append("| " + " | ".join(head for _, head, _ in display) + " |")
         lines.append("|" + "|".join("---:" if key not in ("method", "prov") else "---" for key, _, _ in display) + "|")
@@ -376,7 +377,7 @@ def to_html(board: Leaderboard, command: str = "") -> str:
     for _, rows in board.cells():
         out.append(f"<h2>{e(cell_title(rows))}</h2>")
         if teacher_text(rows):
-            out.append(f'<p class="note">{e(teacher_text(rows).capitalize())}.</p>')
+            out.append(f'<p class="note">{e(teacher_text(rows))}.</p>')
         display = display_for(rows)
         out.append('<table class="lb"><thead><tr>')
         for key, head, _ in display:

@@ -84,6 +84,7 @@ def test_detection_runs_end_to_end_and_render(tmp_path, monkeypatch):
     boards = build(tmp_path / "results", tmp_path / "lb", png=False)
     md = (tmp_path / "lb" / "tinyshapes.md").read_text()
     assert "| AP | AP50 | AP75 | APs | APm | APl |" in md and "kd++" in md
+    assert "| params | FLOPs |" in md and "Teacher AP " in md
     assert not boards["tinyshapes"].excluded
     assert "AP50_mean" in (tmp_path / "lb" / "tinyshapes.csv").read_text().splitlines()[0]
     with pytest.raises(BenchmarkError, match="several devices"):
