@@ -138,7 +138,7 @@ def resolve(request: RunRequest) -> ResolvedRun:
     protocol = request.protocol if isinstance(request.protocol, Protocol) else load_protocol(request.protocol)
     spec = get_method(request.method, task=protocol.task)
     changes = dict(request.hparams)
-    protocol = protocol.for_pair(protocol.pair(request.pair))  # a pair's own epochs / global batch
+    protocol = protocol.for_pair(protocol.pair_for(request.method, request.pair))  # the pair's own epochs / batch
     if request.epochs and request.epochs != protocol.epochs:
         protocol = protocol.with_epochs(request.epochs)
         changes["epochs"] = request.epochs

@@ -100,3 +100,16 @@ def test_teacher_archs_recipe_is_hashed_only_where_that_teacher_is_used(tmp_path
     data["teacher_archs"] = {"resnet20": {"lr": 0.1}}
     with pytest.raises(ProtocolError, match=r"teacher_archs\.resnet20"):
         load_protocol(write_protocol(tmp_path / "d.yaml", data))
+
+
+def test_a_methods_default_pair_trains_with_that_pairs_own_epochs():
+    # fmnist's MIM pair sets `epochs: 15` (the protocol's are 4); `dmae` reaches it through `method_pairs`, and
+    # must train what its hash records whether or not PAIR is typed
+    from distillbench.benchmark.runner import RunRequest, resolve
+
+    implicit = resolve(RunRequest(method="dmae", protocol="fmnist"))
+    explicit = resolve(RunRequest(method="dmae", protocol="fmnist", pair=implicit.pair.name))
+    assert implicit.pair.name == "mae_vit_tiny_p4_28.mae__mae_vit_micro_p4_28" and implicit.pair.epochs == 15
+    assert implicit.protocol.epochs == explicit.protocol.epochs == 15
+    assert implicit.protocol_hash == explicit.protocol_hash
+    assert resolve(RunRequest(method="kd", protocol="fmnist")).protocol.epochs == 4  # the default pair's
