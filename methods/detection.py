@@ -20,8 +20,6 @@ test metric is COCOeval's AP, AP50, AP75, APs, APm, APl (percent) on the evaluat
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -33,7 +31,7 @@ from torchvision.models.detection.roi_heads import fastrcnn_loss
 from .base import DistillModule, FrozenTeacher
 from .errors import MethodError
 from .kd import kd_loss
-from .nd import EmbProjector, class_means_path, load_class_means, mean_by_label, nd_loss, save_class_means
+from .nd import EmbProjector, cached_class_means, class_means_identity, mean_by_label, nd_loss
 from .registry import Stage, StageContext, register
 
 #: RNG seed of the class-means pass's proposal sampling: the means are a property of the teacher
@@ -270,33 +268,15 @@ def detection_class_means(
     return means.float().cpu()
 
 
-def _class_means_metadata(ctx: StageContext) -> dict[str, str]:
-    info = ctx.teacher_info
-    data = {"dataset": ctx.protocol["dataset"], "fingerprint": ctx.datamodule.fingerprint()}
-    transform = {"input": ctx.protocol["input"], "sample_seed": CLASS_MEANS_SAMPLE_SEED, "proposals": "teacher+gt"}
-    return {
-        "teacher_arch": str(info.get("arch")),
-        "teacher_sha256": str(info.get("checkpoint_sha256")),
-        "data": json.dumps(data, sort_keys=True, default=list),
-        "split": "train",
-        "transform": json.dumps(transform, sort_keys=True, default=list),
-        "task": "detection",
-    }
-
-
 def run_detection_class_means(ctx: StageContext) -> Tensor:
     """Stage `class_means` on a detection protocol: the cached (K+1, D) artifact beside the teacher, or one
     pass over the training split (`ctx.datamodule.train_pass_loader()`: every image once, no augmentation)."""
-    if ctx.teacher is None:
-        raise MethodError(f"method {ctx.method!r}: the class_means stage needs a teacher")
-    meta = _class_means_metadata(ctx)
-    path = class_means_path(ctx.cache_dir, meta)
-    if path.is_file():
-        return load_class_means(path, meta)
-    means = detection_class_means(ctx.teacher, ctx.datamodule.train_pass_loader(), ctx.datamodule.num_classes)
-    if os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0":
-        save_class_means(path, means, meta)
-    return means
+    transform = {"input": ctx.protocol["input"], "sample_seed": CLASS_MEANS_SAMPLE_SEED, "proposals": "teacher+gt"}
+    return cached_class_means(
+        ctx,
+        class_means_identity(ctx, transform, task="detection"),
+        lambda: detection_class_means(ctx.teacher, ctx.datamodule.train_pass_loader(), ctx.datamodule.num_classes),
+    )
 
 
 DETECTION_CLASS_MEANS = Stage("class_means", run_detection_class_means)

@@ -14,7 +14,7 @@ import copy
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -175,22 +175,29 @@ def train_pass_loader(datamodule) -> DataLoader:
     return DataLoader(dataset, batch_sampler=sampler, collate_fn=_identity, num_workers=datamodule.num_workers)
 
 
-def class_means_metadata(ctx: StageContext) -> dict[str, str]:
-    """What the means depend on; an artifact is reused only if all of it matches."""
-    info, protocol = ctx.teacher_info, ctx.protocol
-    transform = {
-        "augment": ctx.datamodule.augment_spec,
-        "input": protocol["input"],
-        "aug_seed": CLASS_MEANS_AUG_SEED,
-    }
-    data = {"dataset": protocol["dataset"], "fingerprint": ctx.datamodule.fingerprint()}
+def class_means_identity(ctx: StageContext, transform: Mapping[str, Any], **extra: str) -> dict[str, str]:
+    """What class means depend on — the teacher, the training split and how its images were `transform`ed
+    (plus `extra` keys); a cached artifact is reused only if all of it matches."""
+    info = ctx.teacher_info
+    data = {"dataset": ctx.protocol["dataset"], "fingerprint": ctx.datamodule.fingerprint()}
     return {
         "teacher_arch": str(info.get("arch")),
         "teacher_sha256": str(info.get("checkpoint_sha256")),
         "data": json.dumps(data, sort_keys=True, default=list),
         "split": "train",
-        "transform": json.dumps(transform, sort_keys=True, default=list),
+        "transform": json.dumps(dict(transform), sort_keys=True, default=list),
+        **extra,
     }
+
+
+def class_means_metadata(ctx: StageContext) -> dict[str, str]:
+    """The classification pass's identity: the training augmentation with its fixed seed."""
+    transform = {
+        "augment": ctx.datamodule.augment_spec,
+        "input": ctx.protocol["input"],
+        "aug_seed": CLASS_MEANS_AUG_SEED,
+    }
+    return class_means_identity(ctx, transform)
 
 
 def class_means_path(cache_dir: Path, meta: Mapping[str, str]) -> Path:
@@ -226,18 +233,27 @@ def load_class_means(path: Path, expect: Mapping[str, str]) -> Tensor:
     return means
 
 
-def run_class_means_stage(ctx: StageContext) -> Tensor:
-    """Stage `class_means`: reuse the artifact cached beside the teacher, or compute and cache it."""
+def cached_class_means(ctx: StageContext, meta: Mapping[str, str], compute: Callable[[], Tensor]) -> Tensor:
+    """The class means artifact cached beside the teacher under `meta`, or `compute()` it and cache it (rank 0
+    writes; every rank computes the same all-reduced means)."""
     if ctx.teacher is None:
         raise MethodError(f"method {ctx.method!r}: the class_means stage needs a teacher")
-    meta = class_means_metadata(ctx)
     path = class_means_path(ctx.cache_dir, meta)
     if path.is_file():
         return load_class_means(path, meta)
-    means = class_means(ctx.teacher, train_pass_loader(ctx.datamodule), num_classes=ctx.datamodule.num_classes)
+    means = compute()
     if os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0":
         save_class_means(path, means, meta)
     return means
+
+
+def run_class_means_stage(ctx: StageContext) -> Tensor:
+    """Stage `class_means`: reuse the artifact cached beside the teacher, or compute and cache it."""
+    return cached_class_means(
+        ctx,
+        class_means_metadata(ctx),
+        lambda: class_means(ctx.teacher, train_pass_loader(ctx.datamodule), num_classes=ctx.datamodule.num_classes),
+    )
 
 
 CLASS_MEANS = Stage("class_means", run_class_means_stage)
