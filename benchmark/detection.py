@@ -18,12 +18,11 @@ from typing import Any
 import lightning as L
 
 from ..methods import get_method
+from ..methods.detection import AP_METRICS
 from .errors import BenchmarkError
 from .results import write_json_atomic
 from .trainer import build_trainer
 from .zoo import create_model
-
-AP_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 
 def detection_metrics(row: dict[str, Any]) -> dict[str, float]:
@@ -92,4 +91,4 @@ def train_detection_teacher(protocol, arch: str, *, root=None, accelerator="auto
     return info
 
 
-__all__ = ["AP_METRICS", "check_request", "train_detection_teacher"]
+__all__ = ["check_request", "train_detection_teacher"]

@@ -145,14 +145,13 @@ def provenance_text(row: Row) -> str:
     return " · ".join(parts)
 
 
-DISPLAY = (
+#: the columns every cell starts with, and the cost/provenance columns it ends with
+LEAD_COLUMNS = (
     ("rank", "#", lambda r: str(r.rank)),
     ("method", "method", lambda r: r.method),
     ("n", "n", lambda r: str(r.n)),
-    ("top1", "top-1 (%)", top1_text),
-    ("range", "min–max", lambda r: f"{r.top1_min:.2f}–{r.top1_max:.2f}"),
-    ("best", "best-epoch top-1", lambda r: _num(_mean(r.best_top1)) or "—"),
-    ("delta", "Δ vs reported", delta_text),
+)
+COST_COLUMNS = (
     ("params", "params", lambda r: _si(r.student_params)),
     ("flops", "FLOPs", lambda r: _si(r.student_flops)),
     ("adapter", "adapter params", lambda r: _si(r.adapter_params)),
@@ -163,24 +162,26 @@ DISPLAY = (
     ("prov", "provenance", provenance_text),
 )
 
+DISPLAY = (
+    *LEAD_COLUMNS,
+    ("top1", "top-1 (%)", top1_text),
+    ("range", "min–max", lambda r: f"{r.top1_min:.2f}–{r.top1_max:.2f}"),
+    ("best", "best-epoch top-1", lambda r: _num(_mean(r.best_top1)) or "—"),
+    ("delta", "Δ vs reported", delta_text),
+    *COST_COLUMNS,
+)
+
 
 DETECTION_METRICS = ("AP50", "AP75", "APs", "APm", "APl")
 
-#: a detection cell's columns: COCOeval AP (mean ± std, in `top1`) then AP50 … APl means (percent)
+#: a detection cell's columns: COCOeval AP (mean ± std, in `top1`) then AP50 … APl means (percent); no
+#: adapter-FLOPs column
 DETECTION_DISPLAY = (
-    ("rank", "#", lambda r: str(r.rank)),
-    ("method", "method", lambda r: r.method),
-    ("n", "n", lambda r: str(r.n)),
+    *LEAD_COLUMNS,
     ("top1", "AP", top1_text),
     *((name, name, lambda r, n=name: _num(_mean(r.extra.get(n, []))) or "—") for name in DETECTION_METRICS),
     ("best", "best-epoch AP", lambda r: _num(_mean(r.best_top1)) or "—"),
-    ("params", "params", lambda r: _si(r.student_params)),
-    ("flops", "FLOPs", lambda r: _si(r.student_flops)),
-    ("adapter", "adapter params", lambda r: _si(r.adapter_params)),
-    ("imgs", "img/s", lambda r: _num(r.throughput_img_s, 0) or "—"),
-    ("overhead", "overhead ×", lambda r: _num(r.overhead_vs_student) or "—"),
-    ("mem", "peak MB", lambda r: _num(r.peak_mem_mb, 0) or "—"),
-    ("prov", "provenance", provenance_text),
+    *(column for column in COST_COLUMNS if column[0] != "adapter_flops"),
 )
 
 
