@@ -147,6 +147,19 @@ def _looping(loader):
     return next_batch
 
 
+def cpu_request(args, method: str) -> RunRequest:
+    """A quiet CPU run request of `method` on the command's protocol, teachers and data."""
+    return RunRequest(
+        method=method,
+        protocol=args.protocol,
+        teachers=args.teachers,
+        data_root=args.data_root,
+        wandb=False,
+        progress=False,
+        accelerator="cpu",
+    )
+
+
 # -- 1. the protocol's methods ---------------------------------------------------------------------
 def protocol_table(args, say) -> dict[str, Any]:
     protocol = load_protocol(args.protocol)
@@ -156,16 +169,7 @@ def protocol_table(args, say) -> dict[str, Any]:
     arms, stack = [], contextlib.ExitStack()
     with stack:
         for method in measured:
-            request = RunRequest(
-                method=method,
-                protocol=args.protocol,
-                teachers=args.teachers,
-                data_root=args.data_root,
-                wandb=False,
-                progress=False,
-                accelerator="cpu",
-            )
-            module, datamodule, r, _ = stack.enter_context(timed_module(request, say=say))
+            module, datamodule, r, _ = stack.enter_context(timed_module(cpu_request(args, method), say=say))
             arms.append(Arm(method, module, _looping(datamodule.train_dataloader()), torch.device("cpu")))
         pair = r.pair_label
         say(f"timing {len(arms)} methods on {protocol.name} {pair} …")
@@ -258,17 +262,8 @@ def framework_table(args, say) -> dict[str, Any]:
     was_deterministic = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)  # what build_trainer sets for CPU runs: both sides alike
     for method in ("vanilla", "kd"):
-        request = RunRequest(
-            method=method,
-            protocol=args.protocol,
-            teachers=args.teachers,
-            data_root=args.data_root,
-            wandb=False,
-            progress=False,
-            accelerator="cpu",
-        )
         plain_t, lightning_t = [], []
-        with timed_module(request, say=say) as (module, datamodule, _, _):
+        with timed_module(cpu_request(args, method), say=say) as (module, datamodule, _, _):
             state = {k: v.clone() for k, v in module.state_dict().items()}
             for _ in range(args.rounds):
                 # plain PyTorch: the same module's losses, the protocol's optimizer, the same loader
