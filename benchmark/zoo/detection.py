@@ -77,15 +77,8 @@ def _mobilenet_body(
         ends = [i - 1 for i in stages[2:-1]] + [len(features) - 1]
         taps = ends[-fpn_levels:]
     return_layers = {str(k): str(v) for v, k in enumerate(taps)}
-    in_channels = [_out_channels(features[k]) for k in taps]
+    in_channels = [features[k].out_channels for k in taps]
     return BackboneWithFPN(features, return_layers, in_channels, fpn_channels, extra_blocks=LastLevelMaxPool())
-
-
-def _out_channels(block: nn.Module) -> int:
-    if hasattr(block, "out_channels"):
-        return int(block.out_channels)
-    convs = [m for m in block.modules() if isinstance(m, nn.Conv2d)]
-    return int(convs[-1].out_channels)
 
 
 def faster_rcnn(
