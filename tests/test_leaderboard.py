@@ -222,9 +222,11 @@ def test_mim_table_joins_arms_across_hashes_and_answers_the_spec_questions(tmp_p
         write(root, "g2sd", seed, full + 1.0, phash="g")  # the extra .ft teacher: another hash
         write(root, "g2sd", seed, gd, phash="g", variant="gd-only")
         write(root, "g2sd", seed, sd, phash="g", variant="sd-only")
+        write(root, "mae_ft", seed, 70.0 + seed, phash="m", variant="epochs=25")  # the scratch student
+        write(root, "mae_ft", seed, 99.0, phash="p", variant="epochs=25,probe=true")  # a probe: not the scratch arm
     write(root, "kd", 0, 95.0)  # not a MIM arm
     board = collect(root)["digits"]
-    assert len({r.protocol_hash for r in board.rows if r.method != "kd"}) == 2  # two cells in the main tables
+    assert len({r.protocol_hash for r in board.rows if r.method != "kd"}) == 4  # four cells in the main tables
     text = "\n".join(mim_markdown(board))
     assert text.count("## Masked image modelling: resnet20 → resnet8 (all arms)") == 1
     table = [line for line in text.splitlines() if line.startswith("| ") and "arm" not in line]
@@ -234,6 +236,8 @@ def test_mim_table_joins_arms_across_hashes_and_answers_the_spec_questions(tmp_p
         "| g2sd",
         "| g2sd@gd-only",
         "| g2sd@sd-only",
+        "| mae_ft@epochs=25",
+        "| mae_ft@epochs=25,probe=true",
     ]
     assert "| kd " not in text
     # 81.00 ± 1.41 vs 78.25 ± 0.35: +2.75; GD+SD 82.00 vs SD-only 81.25: +0.75; vs GD-only 79.25: +2.75
@@ -243,6 +247,7 @@ def test_mim_table_joins_arms_across_hashes_and_answers_the_spec_questions(tmp_p
         "beats `g2sd@sd-only` 81.25 ± 0.35 (n = 2): +0.75" in text
     )
     assert "vs generic stage only: `g2sd` 82.00 ± 1.41 (n = 2) beats `g2sd@gd-only` 79.25 ± 0.35 (n = 2): +2.75" in text
-    assert "Not yet measured: DMAE vs the scratch student; Hybrid vs the feature term only (T_c)" in text
+    assert "DMAE vs the scratch student: `dmae` 81.00 ± 1.41 (n = 2) beats `mae_ft@epochs=25` 70.50 ± 0.71" in text
+    assert "Not yet measured: DMAE at r = 0.75 vs r = 0.9; Hybrid vs the feature term only (T_c)" in text
     # and the generated Markdown carries it
     assert "## Masked image modelling" in to_markdown(board)
