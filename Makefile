@@ -49,7 +49,7 @@ RUN_ARGS = --method $(METHOD) --protocol $(PROTOCOL) --seeds $(SEEDS) --devices 
 	$(if $(CROPS),--crops $(CROPS)) $(if $(COMPILE),--compile $(COMPILE)) \
 	$(if $(GPU_AUGMENT),--gpu-augment)
 
-.PHONY: install bench search teachers softlabels leaderboard perf gpu-check test lint list clean-venv
+.PHONY: install bench search teachers softlabels leaderboard perf gpu-check test parity lint list clean-venv
 
 install: $(STAMP)
 
@@ -96,6 +96,11 @@ list: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# oracle parity with the official DMAE / G2SD code (CC-BY-NC, never vendored): OFFICIAL=<folder with DMAE/ and G2SD/>
+parity: $(STAMP)
+	$(if $(OFFICIAL),,$(error OFFICIAL=<folder holding the checkouts DMAE/ (UCSC-VLAA/DMAE) and G2SD/ (pengzhiliang/G2SD)> is required))
+	DISTILLBENCH_OFFICIAL_CODE=$(abspath $(OFFICIAL)) $(PY) -m pytest -q -rs -s tests/test_official_parity.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
