@@ -28,7 +28,6 @@ COMPARISONS: tuple[tuple[str, tuple[str, ...], str], ...] = (
     ("hybrid", ("hybrid@relation-only",), "Hybrid vs the relation term only (T_m)"),
     ("hybrid", ("hybrid@random-mask",), "Hybrid's redundant-token masking vs random masking"),
     ("hybrid", ("hybrid@const-0.25",), "Hybrid's progressive ratios vs a constant 0.25"),
-    ("hybrid", ("hybrid@tm-scores",), "Hybrid's T_c redundancy scores vs T_m's"),
 )
 
 
