@@ -49,8 +49,16 @@ def _mean_std(row: Row) -> str:
     return f"{row.top1_mean:.2f} ± {std}"
 
 
+def paired_wins(ours: Row, base: Row) -> tuple[int, int]:
+    """(seeds where `ours` is strictly higher, seeds both arms ran): the specs' "in ≥ 2 of 3 seeds" count."""
+    theirs = dict(zip(base.seeds, base.top1, strict=True))
+    pairs = [(a, theirs[s]) for s, a in zip(ours.seeds, ours.top1, strict=True) if s in theirs]
+    return sum(a > b for a, b in pairs), len(pairs)
+
+
 def comparison_lines(rows: list[Row]) -> list[str]:
-    """One line per answerable question: full − ablation (seed means), both means ± std and n."""
+    """One line per answerable question: full − ablation (seed means), both means ± std and n, and the
+    seeds (paired by seed) in which the full method is higher."""
     by_label = {r.method: r for r in rows}
     lines = []
     for full, ablations, question in COMPARISONS:
@@ -60,9 +68,10 @@ def comparison_lines(rows: list[Row]) -> list[str]:
         ours, base = by_label[full], by_label[found]
         diff = ours.top1_mean - base.top1_mean
         verdict = "beats" if diff > 0 else "does not beat"
+        wins, paired = paired_wins(ours, base)
         lines.append(
             f"- {question}: `{ours.method}` {_mean_std(ours)} (n = {ours.n}) {verdict} `{base.method}` "
-            f"{_mean_std(base)} (n = {base.n}): {diff:+.2f}"
+            f"{_mean_std(base)} (n = {base.n}): {diff:+.2f}; higher in {wins} of {paired} paired seeds"
             + (" (one seed: not yet a result)" if min(ours.n, base.n) < 2 else "")
         )
     return lines

@@ -244,9 +244,10 @@ def test_mim_table_joins_arms_across_hashes_and_answers_the_spec_questions(tmp_p
     assert "DMAE vs the MAE-only student: `dmae` 81.00 ± 1.41 (n = 2) beats `dmae@feat_weight=0` 78.25 ± 0.35" in text
     assert (
         "G2SD (GD+SD) vs specific stage only: `g2sd` 82.00 ± 1.41 (n = 2) "
-        "beats `g2sd@sd-only` 81.25 ± 0.35 (n = 2): +0.75" in text
+        "beats `g2sd@sd-only` 81.25 ± 0.35 (n = 2): +0.75; higher in 1 of 2 paired seeds" in text
     )
     assert "vs generic stage only: `g2sd` 82.00 ± 1.41 (n = 2) beats `g2sd@gd-only` 79.25 ± 0.35 (n = 2): +2.75" in text
+    assert "`mae_ft@epochs=25` 70.50 ± 0.71 (n = 2): +10.50; higher in 2 of 2 paired seeds" in text
     assert "DMAE vs the scratch student: `dmae` 81.00 ± 1.41 (n = 2) beats `mae_ft@epochs=25` 70.50 ± 0.71" in text
     assert "Not yet measured: DMAE at r = 0.75 vs r = 0.9; Hybrid vs the feature term only (T_c)" in text
     # and the generated Markdown carries it
