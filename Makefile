@@ -97,9 +97,10 @@ list: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-# oracle parity with the official DMAE / G2SD code (CC-BY-NC, never vendored): OFFICIAL=<folder with DMAE/ and G2SD/>
+# oracle parity with the official code (never vendored): OFFICIAL=<dir> holding checkouts <dir>/<RepoName>: DMAE/,
+# G2SD/, mdistiller/, OFAKD/, Knowledge-Distillation-via-ND/, FKD/, DisWOT-CVPR2023/ (a missing one skips its tests)
 parity: $(STAMP)
-	$(if $(OFFICIAL),,$(error OFFICIAL=<folder holding the checkouts DMAE/ (UCSC-VLAA/DMAE) and G2SD/ (pengzhiliang/G2SD)> is required))
+	$(if $(OFFICIAL),,$(error OFFICIAL=<dir> holding checkouts <dir>/<RepoName>: DMAE/ (UCSC-VLAA/DMAE), G2SD/ (pengzhiliang/G2SD), mdistiller/ (megvii-research/mdistiller), OFAKD/ (Hao840/OFAKD), Knowledge-Distillation-via-ND/ (WangYZ1608/Knowledge-Distillation-via-ND), FKD/ (szq0214/FKD), DisWOT-CVPR2023/ (lliai/DisWOT-CVPR2023) is required))
 	DISTILLBENCH_OFFICIAL_CODE=$(abspath $(OFFICIAL)) $(PY) -m pytest -q -rs -s tests/test_official_parity.py
 
 lint: $(STAMP)
