@@ -78,11 +78,18 @@ def comparison_lines(rows: list[Row]) -> list[str]:
 
 
 def mim_markdown(board: Leaderboard) -> list[str]:
-    """Markdown sections (empty when the board has no MIM rows)."""
+    """Markdown sections (empty when the board has no MIM rows), one per teacher → student pair; teacher-less
+    arms (the scratch student `mae_ft`) join every pair of their student, or form their own section."""
+    mim = [row for row in board.rows if is_mim(row)]
     pairs: dict[tuple[str, str], list[Row]] = {}
-    for row in board.rows:
-        if is_mim(row):
+    for row in mim:
+        if row.has_teacher:
             pairs.setdefault((row.teacher, row.student), []).append(row)
+    for row in mim:
+        if not row.has_teacher:
+            homes = [rows for (_, student), rows in pairs.items() if student == row.student]
+            for rows in homes or [pairs.setdefault((row.teacher, row.student), [])]:
+                rows.append(row)
     lines: list[str] = []
     for (teacher, student), rows in pairs.items():
         rows = sorted(rows, key=lambda r: (r.method.split("@", 1)[0], "@" in r.method, r.method))

@@ -222,13 +222,14 @@ def test_mim_table_joins_arms_across_hashes_and_answers_the_spec_questions(tmp_p
         write(root, "g2sd", seed, full + 1.0, phash="g")  # the extra .ft teacher: another hash
         write(root, "g2sd", seed, gd, phash="g", variant="gd-only")
         write(root, "g2sd", seed, sd, phash="g", variant="sd-only")
-        write(root, "mae_ft", seed, 70.0 + seed, phash="m", variant="epochs=25")  # the scratch student
+        write(root, "mae_ft", seed, 70.0 + seed, phash="m", teacher=False, variant="epochs=25")  # scratch student
         write(root, "mae_ft", seed, 99.0, phash="p", variant="epochs=25,probe=true")  # a probe: not the scratch arm
     write(root, "kd", 0, 95.0)  # not a MIM arm
     board = collect(root)["digits"]
     assert len({r.protocol_hash for r in board.rows if r.method != "kd"}) == 4  # four cells in the main tables
     text = "\n".join(mim_markdown(board))
     assert text.count("## Masked image modelling: resnet20 → resnet8 (all arms)") == 1
+    assert text.count("## Masked image modelling") == 1  # the teacher-less scratch arm joins its student's pair
     table = [line for line in text.splitlines() if line.startswith("| ") and "arm" not in line]
     assert [line.split(" | ")[0] for line in table] == [
         "| dmae",
