@@ -81,20 +81,29 @@ class _BlockWithQkScale(timm_vit.Block):
 
 
 @contextmanager
+def isolated_modules(owned):
+    """Pop the sys.modules entries whose names satisfy `owned`, and on exit drop whatever the block imported
+    under those names and put the popped ones back: official modules never leak into (or from) the session."""
+    saved = {k: sys.modules.pop(k) for k in list(sys.modules) if owned(k)}
+    try:
+        yield
+    finally:
+        for k in [k for k in sys.modules if owned(k)]:
+            del sys.modules[k]
+        sys.modules.update(saved)
+
+
+@contextmanager
 def official_modules(root: Path, *names: str, monkeypatch):
     """Import `names` from an official checkout; its `util` package never leaks into (or from) sys.modules."""
     monkeypatch.setattr(np, "float", float, raising=False)
     monkeypatch.setattr(timm_vit, "Block", _BlockWithQkScale)
-    owned = lambda key: key == "util" or key.startswith("util.") or key in names  # noqa: E731
-    saved = {k: sys.modules.pop(k) for k in list(sys.modules) if owned(k)}
     sys.path.insert(0, str(root))
     try:
-        yield [importlib.import_module(n) for n in names]
+        with isolated_modules(lambda key: key == "util" or key.startswith("util.") or key in names):
+            yield [importlib.import_module(n) for n in names]
     finally:
         sys.path.remove(str(root))
-        for k in [k for k in sys.modules if owned(k)]:
-            del sys.modules[k]
-        sys.modules.update(saved)
 
 
 def unfused(*models: nn.Module) -> None:
@@ -242,20 +251,13 @@ def official_package(root: Path, package: str, *names: str):
     Each level of `package` becomes an empty stub module whose `__path__` is the checkout's folder, so the
     files' relative imports (`from ._base import ...`) resolve to their siblings only; every key under the
     package's top name is popped before and restored after."""
-    top = package.split(".")[0]
-    owned = lambda key: key == top or key.startswith(top + ".")  # noqa: E731
-    saved = {k: sys.modules.pop(k) for k in list(sys.modules) if owned(k)}
-    try:
-        parts = package.split(".")
+    parts = package.split(".")
+    with isolated_modules(lambda key: key == parts[0] or key.startswith(parts[0] + ".")):
         for i in range(len(parts)):
             stub = types.ModuleType(".".join(parts[: i + 1]))
             stub.__path__ = [str(root.joinpath(*parts[: i + 1]))]
             sys.modules[stub.__name__] = stub
         yield [importlib.import_module(f"{package}.{n}") for n in names]
-    finally:
-        for k in [k for k in sys.modules if owned(k)]:
-            del sys.modules[k]
-        sys.modules.update(saved)
 
 
 def assert_parity(ours: Tensor | float, theirs: Tensor | float, what: str) -> float:
